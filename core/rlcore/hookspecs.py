@@ -1,0 +1,207 @@
+"""The hook contract: every capability of a run is one of these hooks, implemented by the selected plugin.
+
+A run registers exactly one plugin of each kind (algo, backend, rollout, task, hardware) plus every
+installed `extra` plugin. Hooks marked *first result* return the answer of the one implementation that
+answers (not None); the others are *collected* into a list. Implementations may accept a subset of the
+arguments (pluggy passes only those they name), so new arguments can be added without breaking plugins.
+
+One step of the loop, in order:
+    prompts = task.dataset("train")[...]                        (the core batches and shuffles)
+    batch   = rollout.sample(prompts, params, tools)
+    scores  = task.score(batch)                                  -> batch.rewards
+    keep    = all(plugin.keep_groups(batch))                     (drop groups; the core samples again)
+    loss    = algo.policy_loss()
+    batch.ref_logprobs = backend.logprobs(batch, reference=True) (only if loss.needs_ref_logprobs)
+    batch.advantages   = algo.advantage(batch)
+    metrics = backend.update(batch, loss, plan)
+    rollout.sync_weights(backend.policy_weights())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from rlcore.context import RunContext
+    from rlcore.types import PolicyLoss, Prompt, RolloutBatch, SamplingParams, Scores, Tool, UpdatePlan, Weights
+
+hookspec = pluggy.HookspecMarker("rlcore")
+hookimpl = pluggy.HookimplMarker("rlcore")
+
+
+# ---- lifecycle: any plugin -------------------------------------------------------------------------
+
+@hookspec
+def setup(ctx: RunContext) -> None:
+    """Any plugin, collected. Called once before the first step, in the order hardware, backend,
+    rollout, task, algo, extras: load models, start engines, read options. `ctx` holds the resolved
+    config, run directory, model spec (path + tokenizer), seed and the hardware facade."""
+
+
+@hookspec
+def teardown() -> None:
+    """Any plugin, collected. Called once at the end of a run, also after an error: stop engines and
+    processes, close files."""
+
+
+@hookspec
+def save_state(directory: Path) -> None:
+    """Any plugin, called for each plugin alone with its own empty directory inside the checkpoint
+    being written (`<ckpt>/<kind>`): write whatever is needed to resume (model, optimizer, scheduler,
+    data position). The core makes the whole checkpoint atomic."""
+
+
+@hookspec
+def load_state(directory: Path) -> None:
+    """Any plugin, called for each plugin alone with the directory its `save_state` wrote, after
+    `setup` and before the first resumed step."""
+
+
+@hookspec
+def log_metrics(step: int, metrics: dict[str, float]) -> None:
+    """Any plugin, collected. Called after every step with that step's metrics (already written to
+    `metrics.jsonl`): experiment trackers implement it."""
+
+
+# ---- task ---------------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def dataset(split: str) -> Sequence[Prompt]:
+    """Task, first result. The problems of `split` ("train" or "test") as a sized, indexable sequence
+    of `Prompt`s. Called once per split; the core shuffles and batches (and records the position for
+    resuming), so a procedural task may return a lazy sequence."""
+
+
+@hookspec(firstresult=True)
+def score(batch: RolloutBatch) -> Scores:
+    """Task, first result. Called after `sample`: one reward per response (from `batch.texts`,
+    `batch.prompts[i].answer`, `batch.info`). A reward function that raises must not stop the run:
+    use `rlcore.scoring.score_each`, which scores 0 and counts the error."""
+
+
+@hookspec
+def tools() -> list[Tool]:
+    """Any plugin (usually the task), collected and concatenated. Tools offered to the model in
+    multi-turn rollouts; an empty list means single-turn."""
+
+
+# ---- rollout -------------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def sample(prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+    """Rollout, first result. Generate `params.n` responses per prompt; responses of prompt i get
+    group id i. Returns token ids, the engine's logprob of every sampled token (of logits divided by
+    the temperature), the loss mask (tool output masked out), decoded texts and truncation flags."""
+
+
+@hookspec(firstresult=True)
+def sync_weights(weights: Weights) -> dict[str, float] | None:
+    """Rollout, first result. Called after every update with the backend's `policy_weights()`: load
+    them into the engine (in process, by reload, or adapters only). Returns timing metrics."""
+
+
+# ---- algorithm -----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def advantage(batch: RolloutBatch) -> Tensor:
+    """Algorithm, first result. Called after `score` (and reference logprobs, if the loss needs them):
+    per-token advantages [B, R] from `batch.rewards` and `batch.group_ids`, zero outside the mask.
+    Reward shaping (overlong penalty, KL-in-reward) happens here too."""
+
+
+@hookspec(firstresult=True)
+def policy_loss() -> PolicyLoss:
+    """Algorithm, first result. The loss the backend minimises, as a callable on local tensors plus
+    global counts (see `PolicyLoss`), so it runs unchanged inside any backend."""
+
+
+@hookspec
+def keep_groups(batch: RolloutBatch) -> Tensor | None:
+    """Any plugin (usually the algorithm), collected. A bool tensor with one entry per group id
+    (0..num_groups-1): False drops that group from training. The core samples more prompts until the
+    batch is full or `trainer.max_resample_rounds` is reached (DAPO's dynamic sampling)."""
+
+
+# ---- backend -------------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def logprobs(batch: RolloutBatch, reference: bool) -> Tensor:
+    """Backend, first result. Per-token logprobs [B, R] of the responses under the current policy, or
+    under the frozen reference model when `reference` (loaded only if the loss needs it)."""
+
+
+@hookspec(firstresult=True)
+def update(batch: RolloutBatch, loss: PolicyLoss, plan: UpdatePlan) -> dict[str, float]:
+    """Backend, first result. Train on the batch: `plan.epochs` passes over `plan.mini_batches`
+    mini-batches, one optimizer step each, micro-batched as the backend's options say. Returns
+    metrics (loss, grad norm, lr, the loss's own metrics, tokens/s)."""
+
+
+@hookspec(firstresult=True)
+def policy_weights() -> Weights:
+    """Backend, first result. The current policy weights for `sync_weights` and export."""
+
+
+# ---- hardware ------------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def hardware_available() -> bool:
+    """Hardware, first result. Whether this machine has the device (used by `--hardware auto`)."""
+
+
+@hookspec(firstresult=True)
+def device(local_rank: int) -> torch.device:
+    """Hardware, first result. The torch device a process of this local rank computes on."""
+
+
+@hookspec(firstresult=True)
+def device_count() -> int:
+    """Hardware, first result. Devices visible on this node."""
+
+
+@hookspec(firstresult=True)
+def collective_backend() -> str:
+    """Hardware, first result. The torch.distributed backend: gloo, nccl or hccl."""
+
+
+@hookspec(firstresult=True)
+def visible_devices_env() -> str | None:
+    """Hardware, first result. The variable that restricts visible devices (CUDA_VISIBLE_DEVICES, ...)."""
+
+
+@hookspec(firstresult=True)
+def resource_name() -> str:
+    """Hardware, first result. The resource a distributed engine schedules on ("GPU", "NPU", "CPU")."""
+
+
+@hookspec(firstresult=True)
+def memory_stats() -> dict[str, float]:
+    """Hardware, first result. Memory in use and peak, in GiB, for the metrics."""
+
+
+@hookspec(firstresult=True)
+def empty_cache() -> bool:
+    """Hardware, first result. Release cached device memory; returns True when done."""
+
+
+@hookspec(firstresult=True)
+def manual_seed(seed: int) -> bool:
+    """Hardware, first result. Seed the device's random generators; returns True when done."""
+
+
+def all_hook_names() -> list[str]:
+    """Names of every hook in this contract (for docs and contract tests)."""
+    import inspect
+    import sys
+
+    mod = sys.modules[__name__]
+    return [n for n, f in inspect.getmembers(mod, inspect.isfunction)
+            if getattr(f, "rlcore_spec", None) is not None]
+

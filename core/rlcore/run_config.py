@@ -1,0 +1,104 @@
+"""The core's own options and the resolution of a run's whole config from defaults, file and CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from rlcore import plugins
+from rlcore.config import build_options, check_range, merge, options_to_dict
+from rlcore.errors import ConfigError
+from rlcore.types import SamplingParams
+
+DEFAULT_PLUGINS = {"algo": "grpo", "backend": "torch", "rollout": "hf", "task": "arithmetic", "hardware": "auto"}
+
+
+@attrs.define
+class TrainerOptions:
+    """The loop's options (section `trainer`)."""
+
+    model: str = ""
+    """Model directory, GGUF file or hub id; empty builds the embedded tiny model."""
+    steps: int = attrs.field(default=150, validator=check_range(0))
+    seed: int = 0
+    prompts_per_step: int = attrs.field(default=32, validator=check_range(1))
+    """Prompts (groups) per step; each gets `sampling.n` responses."""
+    epochs: int = attrs.field(default=1, validator=check_range(1))
+    """PPO epochs over each batch."""
+    mini_batches: int = attrs.field(default=1, validator=check_range(1))
+    """Optimizer steps per epoch (the batch is split into this many mini-batches)."""
+    save_every: int = attrs.field(default=50, validator=check_range(0))
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = attrs.field(default=2, validator=check_range(1))
+    max_resample_rounds: int = attrs.field(default=4, validator=check_range(0))
+    """Extra sampling rounds to refill groups dropped by `keep_groups` (dynamic sampling)."""
+    log_every: int = attrs.field(default=10, validator=check_range(1))
+    """Print a progress line every N steps when the output is not a terminal."""
+
+
+@attrs.define
+class SamplingOptions:
+    """How responses are sampled (section `sampling`), passed to the rollout's `sample` hook."""
+
+    n: int = attrs.field(default=8, validator=check_range(1))
+    temperature: float = attrs.field(default=1.0, validator=check_range(0.0))
+    top_p: float = attrs.field(default=1.0, validator=check_range(0.0, 1.0))
+    max_new_tokens: int = attrs.field(default=4, validator=check_range(1))
+    stop: list[str] = attrs.field(factory=list)
+
+    def params(self, seed: int | None = None) -> SamplingParams:
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, stop=list(self.stop), seed=seed)
+
+
+@attrs.define
+class ResolvedConfig:
+    """The run's config: selected plugin classes and every section's typed options."""
+
+    selection: dict[str, str]
+    classes: dict[str, type]
+    trainer: TrainerOptions
+    sampling: SamplingOptions
+    options: dict[str, Any]
+    """Typed options per kind."""
+    extras: dict[str, type]
+    """Enabled extra plugins by name (an extra that fails to import is skipped with a warning)."""
+    warnings: list[str] = attrs.field(factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, loadable again with `--config` (the run directory's config.yaml)."""
+        out: dict[str, Any] = {"plugins": dict(self.selection),
+                               "trainer": options_to_dict(self.trainer),
+                               "sampling": options_to_dict(self.sampling)}
+        for kind, opts in self.options.items():
+            out[kind] = options_to_dict(opts)
+        return out
+
+
+KNOWN_SECTIONS = {"plugins", "trainer", "sampling", *plugins.SELECTED_KINDS, "extra"}
+
+
+def resolve(raw: dict[str, Any]) -> ResolvedConfig:
+    """Validate a raw config dict: select plugins, then build each section's typed options."""
+    unknown = sorted(set(raw) - KNOWN_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; sections are: {', '.join(sorted(KNOWN_SECTIONS))}")
+    selection = merge(DEFAULT_PLUGINS, raw.get("plugins") or {})
+    bad = sorted(set(selection) - set(plugins.SELECTED_KINDS))
+    if bad:
+        raise ConfigError(f"plugins.{bad[0]}: unknown plugin kind; kinds are: {', '.join(plugins.SELECTED_KINDS)}")
+    selection["hardware"] = plugins.select_hardware(str(selection["hardware"]))
+    classes = {kind: plugins.load(kind, str(name)) for kind, name in selection.items()}
+    options = {kind: build_options(plugins.options_class(cls), raw.get(kind), kind) for kind, cls in classes.items()}
+    extras, warnings = {}, []
+    for name in plugins.available("extra"):
+        try:
+            extras[name] = plugins.load("extra", name)
+        except Exception as e:  # noqa: BLE001 - a broken extra never breaks a run
+            warnings.append(f"extra plugin {name!r} skipped: {e}")
+    return ResolvedConfig(
+        selection={k: str(v) for k, v in selection.items()}, classes=classes,
+        trainer=build_options(TrainerOptions, raw.get("trainer"), "trainer"),
+        sampling=build_options(SamplingOptions, raw.get("sampling"), "sampling"),
+        options=options, extras=extras, warnings=warnings)

@@ -1,0 +1,46 @@
+"""Turning a per-sample reward function into a task's `score` hook, safely."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlcore.types import Prompt, RolloutBatch, Scores
+
+log = logging.getLogger("rlcore.scoring")
+
+RewardFn = Callable[[str, Prompt], "float | dict[str, float]"]
+
+
+def score_each(batch: RolloutBatch, fn: RewardFn) -> Scores:
+    """Score every response with `fn(text, prompt)`.
+
+    `fn` returns a reward, or a dict with a `reward` key plus other numbers to log. A call that raises
+    scores 0 with `reward_error=1` in its info (logged as `score/reward_error`), so one bad sample
+    never stops the run; the first error of a batch is logged with its message.
+    """
+    rewards: list[float] = []
+    infos: list[dict[str, float]] = []
+    first_error: str | None = None
+    for i, (text, prompt) in enumerate(zip(batch.texts, batch.prompts)):
+        try:
+            out: Any = fn(text, prompt)
+            if isinstance(out, dict):
+                info = {k: float(v) for k, v in out.items()}
+                reward = info.pop("reward")
+            else:
+                info, reward = {}, float(out)
+            info["reward_error"] = 0.0
+        except Exception as e:  # noqa: BLE001 - a reward function's failure scores 0 and is counted
+            if first_error is None:
+                first_error = f"sample {i} (prompt id {prompt.id!r}): {type(e).__name__}: {e}"
+            reward, info = 0.0, {"reward_error": 1.0}
+        rewards.append(reward)
+        infos.append(info)
+    if first_error is not None:
+        n = sum(int(x["reward_error"]) for x in infos)
+        log.warning("reward function raised on %d of %d samples; first: %s", n, len(infos), first_error)
+    return Scores(rewards=torch.tensor(rewards, dtype=torch.float32), info=infos)
