@@ -213,6 +213,8 @@ class UpdatePlan:
 
     epochs: int = 1
     mini_batches: int = 1
+    max_response_length: int = 0
+    """The response token budget (`LossNorm.max_response_length`); 0 means the batch's padded width."""
 
 
 @attrs.define
