@@ -70,6 +70,12 @@ def log_metrics(step: int, metrics: dict[str, float]) -> None:
     `metrics.jsonl`): experiment trackers implement it."""
 
 
+@hookspec
+def step_metrics() -> dict[str, float]:
+    """Any plugin, collected and merged. Called at the end of every step, before metrics are written:
+    numbers the plugin measured during the step (advantage statistics, KL coefficient, cache hits)."""
+
+
 # ---- task ---------------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)

@@ -20,7 +20,7 @@ class TrainerOptions:
 
     model: str = ""
     """Model directory, GGUF file or hub id; empty builds the embedded tiny model."""
-    steps: int = attrs.field(default=150, validator=check_range(0))
+    steps: int = attrs.field(default=250, validator=check_range(0))
     seed: int = 0
     prompts_per_step: int = attrs.field(default=32, validator=check_range(1))
     """Prompts (groups) per step; each gets `sampling.n` responses."""
@@ -44,7 +44,7 @@ class SamplingOptions:
     n: int = attrs.field(default=8, validator=check_range(1))
     temperature: float = attrs.field(default=1.0, validator=check_range(0.0))
     top_p: float = attrs.field(default=1.0, validator=check_range(0.0, 1.0))
-    max_new_tokens: int = attrs.field(default=4, validator=check_range(1))
+    max_new_tokens: int = attrs.field(default=256, validator=check_range(1))
     stop: list[str] = attrs.field(factory=list)
 
     def params(self, seed: int | None = None) -> SamplingParams:
@@ -79,8 +79,35 @@ class ResolvedConfig:
 KNOWN_SECTIONS = {"plugins", "trainer", "sampling", *plugins.SELECTED_KINDS, "extra"}
 
 
+EMBEDDED_PRESET: dict[str, dict[str, Any]] = {
+    "backend": {"lr": 1e-3},
+    "sampling": {"max_new_tokens": 4},
+    "task": {"max_operand": 4},
+}
+"""What `rlcore run` uses with the embedded tiny model (no `--model`): a random 130K-parameter model
+learns with a far larger learning rate, shorter answers and easier problems than suit a pretrained LLM. Applied only to keys
+the user did not set and that the selected plugins declare."""
+
+
+def _apply_preset(raw: dict[str, Any], classes: dict[str, type]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    owners = {"sampling": SamplingOptions, "trainer": TrainerOptions,
+              **{k: plugins.options_class(c) for k, c in classes.items()}}
+    for section, values in EMBEDDED_PRESET.items():
+        declared = {f.name for f in attrs.fields(owners[section])} if section in owners else set()
+        target = out.setdefault(section, {})
+        for key, value in values.items():
+            if key in declared and key not in target:
+                target[key] = value
+    return out
+
+
 def resolve(raw: dict[str, Any]) -> ResolvedConfig:
-    """Validate a raw config dict: select plugins, then build each section's typed options."""
+    """Validate a raw config dict: select plugins, then build each section's typed options.
+
+    Without `trainer.model` the run uses the embedded tiny model and `EMBEDDED_PRESET` fills in the
+    options it needs.
+    """
     unknown = sorted(set(raw) - KNOWN_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r}; sections are: {', '.join(sorted(KNOWN_SECTIONS))}")
@@ -90,6 +117,8 @@ def resolve(raw: dict[str, Any]) -> ResolvedConfig:
         raise ConfigError(f"plugins.{bad[0]}: unknown plugin kind; kinds are: {', '.join(plugins.SELECTED_KINDS)}")
     selection["hardware"] = plugins.select_hardware(str(selection["hardware"]))
     classes = {kind: plugins.load(kind, str(name)) for kind, name in selection.items()}
+    if not (raw.get("trainer") or {}).get("model"):
+        raw = _apply_preset(raw, classes)
     options = {kind: build_options(plugins.options_class(cls), raw.get(kind), kind) for kind, cls in classes.items()}
     extras, warnings = {}, []
     for name in plugins.available("extra"):

@@ -90,6 +90,25 @@ class RolloutBatch:
         """Tokens per response (generated and tool output), [B] long."""
         return self.attention_mask.sum(-1)
 
+    def validate(self) -> None:
+        """Raise DataError naming the first inconsistency between fields (shapes, masks, lengths)."""
+        from rlcore.errors import DataError
+
+        B, R = self.response_ids.shape
+        checks = [
+            (self.prompt_ids.shape[0] == B and self.prompt_mask.shape == self.prompt_ids.shape,
+             f"prompt_ids {tuple(self.prompt_ids.shape)} / prompt_mask {tuple(self.prompt_mask.shape)} do not match {B} responses"),
+            (all(t.shape == (B, R) for t in (self.response_mask, self.attention_mask, self.rollout_logprobs)),
+             "response_mask, attention_mask and rollout_logprobs must all be [B, R] like response_ids"),
+            (self.group_ids.shape == (B,) and self.truncated.shape == (B,), "group_ids and truncated must be [B]"),
+            (len(self.prompts) == B and len(self.texts) == B, f"prompts ({len(self.prompts)}) and texts ({len(self.texts)}) must have {B} entries"),
+            (bool(((self.response_mask > 0) <= (self.attention_mask > 0)).all()), "response_mask marks a token outside attention_mask"),
+            (bool(torch.isfinite(self.rollout_logprobs).all()), "rollout_logprobs holds NaN or inf"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(f"malformed RolloutBatch: {message}")
+
     def sequences(self) -> tuple[Tensor, Tensor]:
         """Prompt and response as one [B, P+R] id tensor plus its attention mask."""
         ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)

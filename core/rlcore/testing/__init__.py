@@ -7,5 +7,8 @@ Third-party plugins run the same checks against themselves, e.g.::
 """
 
 from rlcore.testing.builders import make_batch, make_prompts, tiny_model_dir
+from rlcore.testing.contracts import (check_algorithm, check_backend, check_hardware, check_rollout, check_task,
+                                      make_context)
 
-__all__ = ["make_batch", "make_prompts", "tiny_model_dir"]
+__all__ = ["check_algorithm", "check_backend", "check_hardware", "check_rollout", "check_task", "make_batch",
+           "make_context", "make_prompts", "tiny_model_dir"]

@@ -1,0 +1,1 @@
+"""rlcore rollout engines and update backends: `hf` (transformers generate) and `torch` (single-process AdamW)."""

@@ -1,0 +1,285 @@
+"""The training loop: one step samples, scores, filters, estimates advantages, updates and syncs weights.
+
+Each phase is a hook of the selected plugin (see `rlcore.hookspecs`); the loop owns only what is
+shared by every combination: the prompt stream, dynamic re-sampling, metrics, checkpoints, resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import yaml
+
+from rlcore import models
+from rlcore.checkpoint import Checkpoints, load_rng, save_rng
+from rlcore.context import Hardware, RunContext
+from rlcore.data import PromptStream
+from rlcore.errors import PluginError, TrainingError
+from rlcore.metrics import MetricsLog, ProgressDisplay
+from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
+from rlcore.run_config import ResolvedConfig
+from rlcore.types import PolicyLoss, RolloutBatch, UpdatePlan
+
+log = logging.getLogger("rlcore")
+
+
+@attrs.define
+class Summary:
+    """The outcome of a run, also written to `summary.json`."""
+
+    run_dir: str
+    steps: int
+    reward_start: float
+    reward_end: float
+    seconds: float
+    last_checkpoint: str | None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+class Trainer:
+    """One run: the registered plugins, the prompt stream, metrics and checkpoints."""
+
+    def __init__(self, cfg: ResolvedConfig, run_dir: Path, trace: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.show_progress = progress
+        self.registry = Registry(trace=trace)
+        for kind in SELECTED_KINDS:
+            cls = cfg.classes[kind]
+            plugin = cls(cfg.options[kind]) if getattr(cls, "Options", None) is not None else cls()
+            self.registry.register(kind, cfg.selection[kind], plugin)
+        for name, cls in cfg.extras.items():
+            self.registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+        self.hook = self.registry.hook
+        self.checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+        self.step = 0
+        self.rewards: list[float] = []
+        self.warned_fill = False
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self, resume: bool = False) -> None:
+        """Seed, resolve the model, set every plugin up, and restore the latest checkpoint if resuming."""
+        t = self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        hardware = Hardware(self.hook, self.cfg.selection["hardware"])
+        random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        hardware.manual_seed(t.seed)
+        spec = models.resolve(t.model, self.run_dir, t.seed)
+        ckpt = self.checkpoints.latest() if resume else None
+        ctx = RunContext(config=self.cfg.to_dict(), run_dir=self.run_dir, model=spec, hardware=hardware,
+                         seed=t.seed, resumed=ckpt is not None)
+        for key in self.registry.keys():
+            self.registry.call(key, "setup", ctx=ctx)
+        self.loss: PolicyLoss = self._require("algo", "policy_loss")
+        self.stream = PromptStream(self._require("task", "dataset", split="train"), seed=t.seed)
+        self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
+        self.hook.sync_weights(weights=self.hook.policy_weights())
+        if ckpt is not None:
+            load_rng(ckpt / "core" / "rng.pkl")
+
+    def _require(self, kind: str, hook: str, **kwargs: Any) -> Any:
+        result = getattr(self.hook, hook)(**kwargs)
+        if result is None:
+            raise PluginError(f"{kind} plugin {self.cfg.selection[kind]!r} does not implement the "
+                              f"{hook!r} hook, which every {kind} plugin must provide")
+        return result
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def _keep(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """AND of every plugin's `keep_groups` verdict, or None when no plugin filters."""
+        verdicts = [v for v in self.hook.keep_groups(batch=batch) if v is not None]
+        if not verdicts:
+            return None
+        keep = torch.ones(int(batch.group_ids.max()) + 1, dtype=torch.bool)
+        for v in verdicts:
+            keep &= torch.as_tensor(v, dtype=torch.bool)
+        return keep
+
+    def _collect(self, timings: dict[str, float]) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """Sample and score prompts until `prompts_per_step` groups survive the filters (or rounds run out)."""
+        t = self.cfg.trainer
+        params = self.cfg.sampling.params()
+        parts: list[RolloutBatch] = []
+        groups, rounds, dropped = 0, 0, 0
+        rewards, lengths, truncated, gen_tokens = [], [], [], 0
+        infos: list[dict[str, float]] = []
+        while True:
+            prompts = self.stream.take(t.prompts_per_step - groups)
+            t0 = time.perf_counter()
+            batch = self._require("rollout", "sample", prompts=prompts, params=params, tools=self.tools)
+            timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
+            batch.validate()
+            t0 = time.perf_counter()
+            scores = self._require("task", "score", batch=batch)
+            timings["timing/score"] = timings.get("timing/score", 0.0) + time.perf_counter() - t0
+            batch.rewards = scores.rewards.float()
+            batch.info = [{**(a or {}), **b} for a, b in zip(batch.info or [{}] * len(batch), scores.info or [{}] * len(batch))]
+            rewards += batch.rewards.tolist()
+            lengths += batch.response_lengths.tolist()
+            truncated += batch.truncated.float().tolist()
+            infos += scores.info or []
+            gen_tokens += int(batch.response_mask.sum())
+            keep = self._keep(batch)
+            if keep is not None:
+                dropped += int((~keep).sum())
+                batch = batch.select([i for i, g in enumerate(batch.group_ids.tolist()) if keep[g]])
+            if len(batch):
+                parts.append(batch)
+                groups += batch.num_groups
+            if keep is None or groups >= t.prompts_per_step:
+                break
+            if rounds >= t.max_resample_rounds:
+                if not self.warned_fill:
+                    log.warning("dynamic sampling: only %d of %d groups kept after %d extra sampling rounds; "
+                                "training on a smaller batch. Raise trainer.max_resample_rounds or make the "
+                                "task easier/harder so fewer groups have equal rewards.",
+                                groups, t.prompts_per_step, rounds)
+                    self.warned_fill = True
+                break
+            rounds += 1
+        r = torch.tensor(rewards)
+        stats = {
+            "reward/mean": float(r.mean()), "reward/std": float(r.std()) if len(r) > 1 else 0.0,
+            "reward/max": float(r.max()), "reward/min": float(r.min()),
+            "response_length/mean": _mean(lengths), "response_length/max": float(max(lengths)),
+            "response_length/clip_ratio": _mean(truncated),
+            "filter/groups_dropped": float(dropped), "filter/extra_rounds": float(rounds),
+            "rollout/tokens": float(gen_tokens),
+            "rollout/tokens_per_s": gen_tokens / max(timings["timing/sample"], 1e-9),
+        }
+        for key in sorted({k for info in infos for k in info}):
+            values = [info[key] for info in infos if key in info]
+            stats[f"score/{key}"] = _mean([float(v) for v in values])
+        batch = RolloutBatch.concat(parts) if parts else None
+        if batch is not None:
+            stats["batch/groups"] = float(batch.num_groups)
+        return batch, stats
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one step and return its metrics row."""
+        t_step = time.perf_counter()
+        timings: dict[str, float] = {}
+        batch, metrics = self._collect(timings)
+        if batch is not None:
+            t0 = time.perf_counter()
+            if self.loss.needs_ref_logprobs:
+                batch.ref_logprobs = self._require("backend", "logprobs", batch=batch, reference=True)
+            plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
+                              max_response_length=self.cfg.sampling.max_new_tokens)
+            if plan.epochs * plan.mini_batches > 1:
+                batch.old_logprobs = self._require("backend", "logprobs", batch=batch, reference=False)
+            timings["timing/logprobs"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            batch.advantages = self._require("algo", "advantage", batch=batch)
+            adv = batch.advantages
+            metrics["advantage/mean"] = _masked_mean(adv, batch.response_mask)
+            metrics["advantage/std"] = math.sqrt(max(_masked_mean(adv**2, batch.response_mask) - metrics["advantage/mean"] ** 2, 0.0))
+            timings["timing/advantage"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics.update(self._require("backend", "update", batch=batch, loss=self.loss, plan=plan))
+            timings["timing/update"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics.update(self.hook.sync_weights(weights=self.hook.policy_weights()) or {})
+            timings["timing/sync"] = time.perf_counter() - t0
+        else:
+            log.warning("step %d: every group was filtered out; no update this step", self.step + 1)
+        for extra in self.hook.step_metrics():
+            metrics.update(extra or {})
+        loss = metrics.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            raise TrainingError(f"step {self.step + 1}: loss is {loss}; lower backend.lr, check the rewards "
+                                "for NaN, or try backend.dtype=float32")
+        timings["timing/step"] = time.perf_counter() - t_step
+        metrics.update(timings)
+        metrics["tokens_per_s"] = metrics["rollout/tokens"] / timings["timing/step"]
+        return metrics
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        for key in self.registry.keys():
+            sub = directory / key.replace(":", "_")
+            sub.mkdir()
+            self.registry.call(key, "save_state", directory=sub)
+        core = directory / "core"
+        core.mkdir()
+        state = {"step": self.step, "stream": self.stream.state(), "rewards": self.rewards}
+        (core / "trainer_state.json").write_text(json.dumps(state))
+        save_rng(core / "rng.pkl")
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.step, self._write_checkpoint)
+
+    def _restore(self, ckpt: Path) -> None:
+        for key in self.registry.keys():
+            sub = ckpt / key.replace(":", "_")
+            if sub.is_dir():
+                self.registry.call(key, "load_state", directory=sub)
+        state = json.loads((ckpt / "core" / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        self.stream.load(state["stream"])
+        self.rewards = [float(r) for r in state["rewards"]]
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ---- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        """Train until `trainer.steps`, checkpointing every `save_every` steps and at the end."""
+        t = self.cfg.trainer
+        started = time.perf_counter()
+        display = ProgressDisplay(t.steps, self.step, t.log_every) if self.show_progress else None
+        last_ckpt = self.checkpoints.latest()
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.rewards.append(metrics["reward/mean"])
+                row = {"step": self.step, **metrics}
+                self.metrics.write(row)
+                self.hook.log_metrics(step=self.step, metrics=row)
+                if display is not None:
+                    display.update(self.step, row)
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    last_ckpt = self.save()
+        finally:
+            if display is not None:
+                display.close()
+        k = min(10, max(1, len(self.rewards) // 2))
+        summary = Summary(run_dir=str(self.run_dir), steps=self.step, reward_start=_mean(self.rewards[:k]),
+                          reward_end=_mean(self.rewards[-k:]), seconds=time.perf_counter() - started,
+                          last_checkpoint=str(last_ckpt) if last_ckpt else None)
+        (self.run_dir / "summary.json").write_text(json.dumps(attrs.asdict(summary), indent=2))
+        return summary
+
+    def close(self) -> None:
+        """Tear every plugin down (engines, processes); safe to call after an error."""
+        self.hook.teardown()
+
+
+def write_config(cfg: ResolvedConfig, run_dir: Path) -> str:
+    """Save the resolved config as `config.yaml` in the run directory and return its text."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (run_dir / "config.yaml").write_text(text)
+    return text

@@ -1,0 +1,82 @@
+"""Where step metrics go: `metrics.jsonl` in the run directory and a live progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+HEADLINE = (("reward/mean", "reward"), ("response_length/mean", "len"), ("loss", "loss"),
+            ("kl_ref", "kl"), ("entropy", "ent"), ("timing/step", "s/step"))
+
+
+class MetricsLog:
+    """Appends one JSON object per step; on resume keeps only the rows up to the resumed step."""
+
+    def __init__(self, path: Path, keep_until: int | None = None) -> None:
+        self.path = path
+        if keep_until is not None and path.exists():
+            rows = [r for r in self.read(path) if r.get("step", 0) <= keep_until]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(path)
+        elif keep_until is None and path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """Rows of a metrics.jsonl (a torn last line from a kill is ignored)."""
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The key numbers of a step, short enough for one line."""
+    parts = []
+    for key, label in HEADLINE:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)):
+            parts.append(f"{label} {v:.3g}")
+    return "  ".join(parts)
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; a plain line every `log_every` steps otherwise (CI, logs)."""
+
+    def __init__(self, total: int, start: int, log_every: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.total = total
+        self.log_every = log_every
+        self.live = self.console.is_terminal
+        self.progress: Progress | None = None
+        if self.live:
+            self.progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                                     TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
+                                     TextColumn("{task.description}"), console=self.console)
+            self.task = self.progress.add_task("", total=total, completed=start)
+            self.progress.start()
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=headline(metrics))
+        elif step % self.log_every == 0 or step == self.total or step == 1:
+            print(f"step {step}/{self.total}  {headline(metrics)}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

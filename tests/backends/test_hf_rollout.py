@@ -1,0 +1,145 @@
+"""The hf rollout on the real tiny model: batch layout, sampling controls, and exact logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlcore import Prompt, SamplingParams, Tool
+from rlcore.config import build_options
+from rlcore.context import RunContext
+from rlcore.errors import ConfigError, RLCoreError
+from rlcore.testing import check_rollout
+from rlcore_backends.hf_rollout import HFRollout, render
+
+EOS = 1
+
+
+def test_contract(rlcore_context: RunContext) -> None:
+    check_rollout(HFRollout(HFRollout.Options()), rlcore_context)
+
+
+def test_layout_eos_and_truncation(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=3, max_new_tokens=10, seed=3), tools=[])
+    batch.validate()
+    tok = rollout.tokenizer
+    assert len(batch) == 12 and batch.group_ids.tolist() == [i for i in range(4) for _ in range(3)]
+    assert [p.id for p in batch.prompts] == [str(i) for i in range(4) for _ in range(3)]
+    P = max(len(p.messages[0]["content"]) for p in prompts)
+    assert batch.prompt_ids.shape == (12, P)
+    for i in range(len(batch)):
+        text = batch.prompts[i].messages[0]["content"]
+        plen = int(batch.prompt_mask[i].sum())
+        assert batch.prompt_mask[i].tolist() == [0] * (P - plen) + [1] * plen, "prompts are left-padded"
+        assert tok.decode(batch.prompt_ids[i, P - plen:]) == text
+        assert (batch.prompt_ids[i, :P - plen] == tok.pad_token_id).all()
+        n = int(batch.attention_mask[i].sum())
+        R = batch.response_ids.shape[1]
+        assert batch.attention_mask[i].tolist() == [1] * n + [0] * (R - n), "responses are right-padded"
+        assert torch.equal(batch.response_mask[i], batch.attention_mask[i].float())
+        ids = batch.response_ids[i, :n]
+        assert (batch.rollout_logprobs[i, :n] < 0).all() and (batch.rollout_logprobs[i, n:] == 0).all()
+        eos_seen = (ids == EOS).nonzero().flatten().tolist()
+        if batch.info[i]["finish_reason"] == "eos":
+            assert eos_seen == [n - 1], "the response ends with its first EOS, which is in the loss"
+            assert not batch.truncated[i]
+        else:
+            assert batch.info[i]["finish_reason"] == "length" and batch.truncated[i]
+            assert not eos_seen and n == 10
+        assert batch.texts[i] == tok.decode(ids, skip_special_tokens=True)
+    assert batch.truncated.any() and not batch.truncated.all(), "this seed gives both EOS-ended and truncated rows"
+    assert batch.temperature == 1.0
+
+
+def test_logprobs_match_independent_forward(rlcore_context: RunContext, rollout: HFRollout,
+                                            prompts: list[Prompt]) -> None:
+    """Each sample's logprobs equal a plain unpadded forward of prompt+response at logits / temperature."""
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, temperature=0.7, top_p=0.9,
+                                                                   max_new_tokens=8, seed=1), tools=[])
+    assert batch.temperature == 0.7
+    model = AutoModelForCausalLM.from_pretrained(rlcore_context.model.path, dtype=torch.float32)
+    for i in range(len(batch)):
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i] == 1]
+        n = int(batch.attention_mask[i].sum())
+        ids = torch.cat([prompt, batch.response_ids[i, :n]])[None]
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1] / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+        torch.testing.assert_close(batch.rollout_logprobs[i, :n], expected, atol=1e-5, rtol=0)
+
+
+def test_greedy_is_deterministic(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    a = rollout.sample(prompts=prompts, params=params, tools=[])
+    b = rollout.sample(prompts=prompts, params=params, tools=[])
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.rollout_logprobs, b.rollout_logprobs)
+    assert torch.equal(a.response_ids[0::2], a.response_ids[1::2]), "greedy samples of one prompt agree"
+    assert a.temperature == 1.0, "greedy reports logprobs at temperature 1"
+
+
+def test_seed_and_global_rng(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    """params.seed reproduces without touching the global RNG; without it the global RNG decides."""
+    seeded = SamplingParams(n=2, max_new_tokens=6, seed=7)
+    torch.manual_seed(0)
+    a = rollout.sample(prompts=prompts, params=seeded, tools=[])
+    after_seeded = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after_seeded, torch.rand(1)), "a seeded sample leaves the global RNG alone"
+    assert torch.equal(a.response_ids, rollout.sample(prompts=prompts, params=seeded, tools=[]).response_ids)
+    unseeded = SamplingParams(n=2, max_new_tokens=6)
+    torch.manual_seed(5)
+    b = rollout.sample(prompts=prompts, params=unseeded, tools=[])
+    torch.manual_seed(5)
+    assert torch.equal(b.response_ids, rollout.sample(prompts=prompts, params=unseeded, tools=[]).response_ids)
+
+
+def test_chunked_generate_matches_one_call(rlcore_context: RunContext, rollout: HFRollout,
+                                           prompts: list[Prompt]) -> None:
+    chunked = HFRollout(HFRollout.Options(max_prompts_per_generate=1))
+    chunked.setup(ctx=rlcore_context)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    a = rollout.sample(prompts=prompts, params=params, tools=[])
+    b = chunked.sample(prompts=prompts, params=params, tools=[])
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.group_ids, b.group_ids)
+    assert torch.equal(a.prompt_ids, b.prompt_ids)
+    torch.testing.assert_close(a.rollout_logprobs, b.rollout_logprobs, atol=1e-5, rtol=0)
+
+
+def test_stop_strings(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=4, max_new_tokens=10, stop=["5"], seed=0),
+                           tools=[])
+    reasons = [i["finish_reason"] for i in batch.info]
+    assert "stop" in reasons, "this seed hits the stop string"
+    for i, reason in enumerate(reasons):
+        n = int(batch.attention_mask[i].sum())
+        text = rollout.tokenizer.decode(batch.response_ids[i, :n])
+        if reason == "stop":
+            assert text.endswith("5") and "5" not in text[:-1] and not batch.truncated[i]
+        else:
+            assert "5" not in batch.texts[i]
+
+
+def test_tools_and_images_are_refused(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    with pytest.raises(RLCoreError, match="multi-turn tool calls"):
+        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[Tool()])
+    prompts[0].images = ["diagram.png"]
+    with pytest.raises(RLCoreError, match="images"):
+        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[])
+
+
+def test_render_with_and_without_chat_template(rollout: HFRollout) -> None:
+    tok = rollout.tokenizer
+    prompt = Prompt(messages=[{"role": "system", "content": "1+"}, {"role": "user", "content": "2="}])
+    assert tok.decode(render(tok, prompt)) == "1+2="
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        assert render(tok, prompt) == tok("1+\n2=")["input_ids"]
+    finally:
+        tok.chat_template = template
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="rollout.dtype: expected one of 'float32', 'bfloat16'"):
+        build_options(HFRollout.Options, {"dtype": "float16"}, "rollout")
+    assert build_options(HFRollout.Options, {"max_prompts_per_generate": "8"}, "rollout").max_prompts_per_generate == 8

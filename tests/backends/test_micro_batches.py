@@ -1,0 +1,29 @@
+"""Token-budget micro-batch planning and trimming."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcore.testing import make_batch
+from rlcore_backends.micro_batches import plan, take
+
+
+def test_plan_covers_the_batch_within_the_budget() -> None:
+    batch = make_batch(groups=3, n=4, prompt_len=5, response_len=6, seed=2)
+    for budget in (1, 8, 20, 50, 10**6):
+        parts = plan(batch, budget)
+        assert [p.start for p in parts] == [0] + [p.stop for p in parts[:-1]] and parts[-1].stop == len(batch)
+        for p in parts:
+            assert p.stop > p.start
+            assert p.padded_tokens <= budget or p.stop - p.start == 1, "over budget only for a single sample"
+    assert len(plan(batch, 1)) == len(batch) and len(plan(batch, 10**6)) == 1
+
+
+def test_take_trims_only_padding() -> None:
+    batch = make_batch(groups=2, n=3, prompt_len=6, response_len=7, lengths=[2, 3, 1, 2, 3, 3], seed=1)
+    (part,) = plan(batch.select([0, 1, 2]), 10**6)
+    sub = take(batch, part)
+    assert sub.response_ids.shape[1] == 3 and sub.prompt_ids.shape[1] == int(batch.prompt_mask[:3].sum(-1).max())
+    assert torch.equal(sub.response_mask.sum(-1), batch.response_mask[:3].sum(-1))
+    assert torch.equal(sub.prompt_mask.sum(-1), batch.prompt_mask[:3].sum(-1))
+    assert sub.texts == batch.texts[:3]

@@ -1,0 +1,92 @@
+"""End-to-end runs through the real `rlcore` command: artifacts, resuming after SIGKILL, learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlcore.metrics import MetricsLog
+
+RLCORE = [sys.executable, "-m", "rlcore"]
+VOLATILE = ("timing/", "tokens_per_s", "update/seconds", "sync/seconds")
+SMALL = ["--set", "trainer.prompts_per_step=4", "--set", "sampling.n=4"]
+
+
+def rlcore(*args, cwd=None, timeout=900):
+    proc = subprocess.run([*RLCORE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, f"rlcore {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE) and k not in VOLATILE} for r in rows]
+
+
+def test_run_writes_config_metrics_checkpoints_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = rlcore("run", "--run-dir", run_dir, "--steps", 3, *SMALL, "--set", "trainer.save_every=2")
+    assert "reward" in proc.stdout and str(run_dir) in proc.stdout
+    config = (run_dir / "config.yaml").read_text()
+    assert "plugins:" in config and "algo: grpo" in config and config in proc.stdout  # printed and saved
+    rows = MetricsLog.read(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    required = {"step", "reward/mean", "reward/std", "loss", "entropy", "clip_frac", "approx_kl",
+                "response_length/mean", "tokens_per_s", "timing/sample", "timing/update", "timing/step"}
+    assert required <= set(rows[0]), required - set(rows[0])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["last_checkpoint"].endswith("step_000003")
+    out = rlcore("report", run_dir)
+    png = run_dir / "report.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG" and str(png) in out.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    args = ["--steps", 10, *SMALL, "--set", "trainer.save_every=3", "--seed", 5]
+    full = tmp_path / "full"
+    rlcore("run", "--run-dir", full, *args)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*RLCORE, "run", "--run-dir", str(killed), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(MetricsLog.read(metrics)) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step_000006").is_dir()
+    assert not (killed / "summary.json").exists()
+    rlcore("run", "--resume", killed)
+    want = stable(MetricsLog.read(full / "metrics.jsonl"))
+    got = stable(MetricsLog.read(killed / "metrics.jsonl"))
+    assert [r["step"] for r in got] == list(range(1, 11))
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """`rlcore run` with no options: last-10-step mean reward >= 0.5 and >= 2x the first 10 steps'."""
+    run_dir = tmp_path / "default"
+    start = time.time()
+    proc = rlcore("run", "--run-dir", run_dir)
+    elapsed = time.time() - start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rewards = [r["reward/mean"] for r in MetricsLog.read(run_dir / "metrics.jsonl")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    print(f"default run: reward {first:.3f} -> {last:.3f} in {elapsed:.0f} s")
+    assert summary["reward_start"] == pytest.approx(first) and summary["reward_end"] == pytest.approx(last)
+    assert last >= 0.5 and last >= 2 * first, proc.stdout[-2000:]
+    assert "->" in proc.stdout and "next:" in proc.stdout
+    assert elapsed < 600
