@@ -52,6 +52,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (list, dict)) and not raw.strip().startswith(("[", "{")):
+            value = raw  # e.g. `task.ops=-`, which YAML would read as a list
         node = out
         *parents, leaf = key.strip().split(".")
         for part in parents:

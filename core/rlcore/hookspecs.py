@@ -119,7 +119,9 @@ def sync_weights(weights: Weights) -> dict[str, float] | None:
 def advantage(batch: RolloutBatch) -> Tensor:
     """Algorithm, first result. Called after `score` (and reference logprobs, if the loss needs them):
     per-token advantages [B, R] from `batch.rewards` and `batch.group_ids`, zero outside the mask.
-    Reward shaping (overlong penalty, KL-in-reward) happens here too."""
+    Reward shaping (overlong penalty, KL-in-reward) happens here too. It may narrow
+    `batch.response_mask` (never widen it, e.g. to drop truncated responses); the loss and `LossNorm`
+    use the mask as it is after this hook."""
 
 
 @hookspec(firstresult=True)

@@ -85,8 +85,36 @@ def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
     elif not p.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise ConfigError(f"--model {model!r} does not exist: pass a local model directory, a .gguf file, "
                           "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct (needs network)")
+    if gguf_file:
+        local = dequantize_gguf(p, gguf_file, run_dir / "model")
+        return ModelSpec(path=str(local), tokenizer=load_tokenizer(str(local)))
     path = str(p) if p.exists() else model
-    return ModelSpec(path=path, gguf_file=gguf_file, tokenizer=load_tokenizer(path, gguf_file))
+    return ModelSpec(path=path, tokenizer=load_tokenizer(path))
+
+
+def dequantize_gguf(directory: Path, gguf_file: str, out: Path) -> Path:
+    """Convert a GGUF model to a plain transformers directory once (in the run directory), so every
+    plugin loads fast safetensors instead of de-quantising the GGUF again."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = load_tokenizer(str(directory), gguf_file)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"--model {str(directory / gguf_file)!r}: cannot load the GGUF file ({e}); "
+                          "install the GGUF extra: pip install 'rlcore[gguf]'") from None
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain float32 now
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
@@ -102,9 +130,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
-    """Load the policy as a transformers causal LM (GGUF is de-quantised) on `device`."""
+    """Load the policy as a transformers causal LM on `device`."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
     return model.to(device)

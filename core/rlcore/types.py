@@ -256,8 +256,7 @@ class ModelSpec:
     """Where the policy comes from, resolved once by the core and shared by every plugin."""
 
     path: str
-    """A transformers model directory (a GGUF model is given by `gguf_file` inside it)."""
-    gguf_file: str | None = None
+    """A transformers model directory or hub id (a GGUF file is converted to a directory first)."""
     tokenizer: Any = None
     """The loaded tokenizer (pad token set, left padding)."""
 

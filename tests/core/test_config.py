@@ -23,6 +23,10 @@ def test_overrides_nest_and_parse_scalars():
     assert out == {"algo": {"clip_high": 0.28, "flag": True}, "trainer": {"steps": 5}, "task": {"ops": ["+", "-"]}}
 
 
+def test_override_keeps_plain_strings_that_yaml_reads_as_lists():
+    assert parse_overrides(["task.ops=-", "task.x=- a"]) == {"task": {"ops": "-", "x": "- a"}}
+
+
 @pytest.mark.parametrize("bad", ["steps=5", "=3", "trainer.steps"])
 def test_override_needs_section_key_value(bad):
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
