@@ -157,6 +157,21 @@ def policy_weights() -> Weights:
     """Backend, first result. The current policy weights for `sync_weights` and export."""
 
 
+@hookspec(firstresult=True)
+def export_model(checkpoint: Path, out: Path, ctx: RunContext) -> Path:
+    """Backend, first result. Called by `rlcore export` (no `setup` before it): write the policy saved
+    in `checkpoint` (the directory this backend's `save_state` wrote) to `out` as a transformers model
+    directory that `AutoModelForCausalLM.from_pretrained` loads, LoRA adapters merged. `ctx` gives the
+    base model and tokenizer. Returns `out`."""
+
+
+@hookspec(firstresult=True)
+def convert_checkpoint(source: Path, out: Path, to: str, ctx: RunContext) -> Path:
+    """Backend, first result. Called by `rlcore convert`: convert model weights between the Hugging Face
+    layout (`to="native"`: HF directory -> this backend's own format, e.g. Megatron's sharded
+    checkpoint) and back (`to="hf"`). Returns `out`."""
+
+
 # ---- hardware ------------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
