@@ -48,6 +48,19 @@ def _plugin_option(kind: str, flag: str) -> Callable[[Callable[..., Any]], Calla
                         help=f"{kind} plugin (installed: {', '.join(plugins.available(kind)) or 'none'}).")
 
 
+def _resolve(saved_run: Path | None, config_file: Path | None, selection: dict[str, str | None],
+             trainer: dict[str, Any], overrides: tuple[str, ...]) -> Any:
+    """Build the run's config: the saved config of a run directory, then --config, flags, --set."""
+    from rlcore.run_config import resolve
+
+    raw: dict[str, Any] = load_file(saved_run / "config.yaml") if saved_run is not None else {}
+    if config_file is not None:
+        raw = merge(raw, load_file(config_file))
+    flags = {"plugins": {k: v for k, v in selection.items() if v is not None},
+             "trainer": {k: v for k, v in trainer.items() if v is not None}}
+    return resolve(merge(merge(raw, flags), parse_overrides(list(overrides))))
+
+
 @main.command()
 @_plugin_option("algo", "--algo")
 @_plugin_option("backend", "--backend")
@@ -76,19 +89,11 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
     --config, the flags above, --set.
     """
     from rlcore.loop import Trainer, write_config
-    from rlcore.run_config import resolve
 
-    raw: dict[str, Any] = {}
     if resume is not None:
-        raw = load_file(resume / "config.yaml")
         run_dir = resume
-    if config_file is not None:
-        raw = merge(raw, load_file(config_file))
-    flags = {"plugins": {k: v for k, v in dict(algo=algo, backend=backend, rollout=rollout, task=task,
-                                                  hardware=hardware).items() if v is not None},
-             "trainer": {k: v for k, v in dict(model=model, steps=steps, seed=seed).items() if v is not None}}
-    raw = merge(merge(raw, flags), parse_overrides(list(overrides)))
-    cfg = resolve(raw)
+    cfg = _resolve(resume, config_file, dict(algo=algo, backend=backend, rollout=rollout, task=task, hardware=hardware),
+                   dict(model=model, steps=steps, seed=seed), overrides)
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
@@ -135,3 +140,110 @@ def report(run_dir: Path, out: Path | None) -> None:
     from rlcore.report import draw
 
     click.echo(f"wrote {draw(run_dir, out)}")
+
+
+@main.command(name="eval")
+@_plugin_option("rollout", "--rollout")
+@_plugin_option("task", "--task")
+@click.option("--hardware", default=None, metavar="NAME", help="hardware plugin, or auto (default).")
+@click.option("--model", default=None, help="Model directory, .gguf file or hub id.")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Evaluate this run's latest checkpoint, with its saved config.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or TOML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one option.")
+@click.option("--split", default="test", show_default=True, help="Dataset split to evaluate on.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N problems.")
+@click.option("--samples", "-n", type=int, default=1, show_default=True, help="Samples per problem.")
+@click.option("--k", "ks", default="1", show_default=True, help="Comma-separated k values for pass@k (each <= samples).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: 0 for one sample, "
+              "else sampling.temperature).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
+@_user_errors
+def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model: str | None, run_dir: Path | None,
+             config_file: Path | None, overrides: tuple[str, ...], split: str, limit: int | None, samples: int,
+             ks: str, temperature: float | None, out: Path | None) -> None:
+    """Evaluate a model (or a run's latest checkpoint) on a task split: pass@k and mean reward."""
+    import json
+    import tempfile
+
+    import attrs
+
+    from rlcore.evaluate import evaluate
+    from rlcore.loop import make_context, open_registry
+
+    try:
+        k_values = sorted({int(k) for k in ks.split(",") if k.strip()})
+    except ValueError:
+        raise RLCoreError(f"--k {ks!r}: expected comma-separated integers such as 1,4,8") from None
+    if not k_values or max(k_values) > samples or min(k_values) < 1:
+        raise RLCoreError(f"--k {ks!r}: each k must be between 1 and --samples ({samples}); raise --samples")
+    cfg = _resolve(run_dir, config_file, dict(rollout=rollout, task=task, hardware=hardware), dict(model=model), overrides)
+    with tempfile.TemporaryDirectory(prefix="rlcore-eval-") as tmp:
+        work = Path(tmp)
+        if run_dir is not None and model is None:
+            model = str(_export_latest(cfg, run_dir, work / "model"))
+        registry = open_registry(cfg, ("hardware", "rollout", "task"))
+        ctx = make_context(cfg, registry, run_dir or work, model=model)
+        try:
+            for key in registry.keys():
+                registry.call(key, "setup", ctx=ctx)
+            data = registry.require("task", "dataset", split=split)
+            prompts = [data[i] for i in range(min(limit or len(data), len(data)))]
+            temp = temperature if temperature is not None else (0.0 if samples == 1 else cfg.sampling.temperature)
+            params = attrs.evolve(cfg.sampling.params(), n=samples, temperature=temp)
+            result = evaluate(registry, prompts, params, k_values, progress=True)
+        finally:
+            registry.hook.teardown()
+    result.split = split
+    text = json.dumps(attrs.asdict(result), indent=2)
+    click.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+
+
+def _export_latest(cfg: Any, run_dir: Path, out: Path) -> Path:
+    """Export the latest checkpoint of `run_dir` as a transformers directory through the backend's hook."""
+    from rlcore.checkpoint import Checkpoints
+    from rlcore.loop import make_context, open_registry
+
+    ckpt = Checkpoints(run_dir / "checkpoints").latest()
+    if ckpt is None:
+        raise RLCoreError(f"{run_dir} has no checkpoint yet (checkpoints/step_*): train at least to the first "
+                          "save (trainer.save_every) or pass --model")
+    registry = open_registry(cfg, ("hardware", "backend"))
+    ctx = make_context(cfg, registry, run_dir)
+    return registry.require("backend", "export_model", checkpoint=ckpt / "backend", out=out, ctx=ctx)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the model to.")
+@_user_errors
+def export(run_dir: Path, out: Path) -> None:
+    """Write a run's latest checkpoint as a transformers model directory (LoRA merged)."""
+    cfg = _resolve(run_dir, None, {}, {}, ())
+    click.echo(f"wrote {_export_latest(cfg, run_dir, out)}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--backend", required=True, metavar="NAME", help="The backend whose native format to convert to or from.")
+@click.option("--to", type=click.Choice(["native", "hf"]), required=True,
+              help="native: Hugging Face directory -> the backend's format; hf: the reverse.")
+@click.option("--model", default=None, help="The Hugging Face model (config and tokenizer) the weights belong to "
+              "(default: SOURCE when converting to native).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Backend options, e.g. backend.tp=2.")
+@_user_errors
+def convert(source: Path, out: Path, backend: str, to: str, model: str | None, overrides: tuple[str, ...]) -> None:
+    """Convert model weights between the Hugging Face layout and a backend's own (e.g. Megatron)."""
+    from rlcore.loop import make_context, open_registry
+
+    model = model or (str(source) if to == "native" else None)
+    if model is None:
+        raise RLCoreError("--to hf needs --model: the Hugging Face model directory the weights belong to")
+    cfg = _resolve(None, None, dict(backend=backend), dict(model=model), overrides)
+    registry = open_registry(cfg, ("hardware", "backend"))
+    ctx = make_context(cfg, registry, out.parent if out.parent.exists() else Path.cwd())
+    result = registry.require("backend", "convert_checkpoint", source=source, out=out, to=to, ctx=ctx)
+    click.echo(f"wrote {result}")

@@ -22,7 +22,8 @@ from rlcore import models
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
-from rlcore.errors import PluginError, TrainingError
+from rlcore.errors import TrainingError
+from rlcore.evaluate import evaluate
 from rlcore.metrics import MetricsLog, ProgressDisplay
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.run_config import ResolvedConfig
@@ -47,8 +48,40 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _numeric_means(infos: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """Mean of every numeric per-sample info key, as `<prefix><key>` (strings such as finish reasons are skipped)."""
+    keys = sorted({k for info in infos for k, v in info.items() if isinstance(v, (int, float))})
+    return {f"{prefix}{k}": _mean([float(info[k]) for info in infos if isinstance(info.get(k), (int, float))])
+            for k in keys}
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False) -> Registry:
+    """Instantiate the selected plugins of `kinds` (plus the extras) with their typed options."""
+    registry = Registry(trace=trace)
+    for kind in kinds:
+        cls = cfg.classes[kind]
+        plugin = cls(cfg.options[kind]) if getattr(cls, "Options", None) is not None else cls()
+        registry.register(kind, cfg.selection[kind], plugin)
+    for name, cls in cfg.extras.items():
+        registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+    return registry
+
+
+def make_context(cfg: ResolvedConfig, registry: Registry, run_dir: Path, resumed: bool = False,
+                 model: str | None = None) -> RunContext:
+    """Seed every generator, resolve the model (building the embedded one if needed) and bundle the run."""
+    seed = cfg.trainer.seed
+    hardware = Hardware(registry.hook, cfg.selection["hardware"])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    hardware.manual_seed(seed)
+    spec = models.resolve(cfg.trainer.model if model is None else model, run_dir, seed)
+    return RunContext(config=cfg.to_dict(), run_dir=run_dir, model=spec, hardware=hardware, seed=seed,
+                      resumed=resumed)
 
 
 class Trainer:
@@ -58,13 +91,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.show_progress = progress
-        self.registry = Registry(trace=trace)
-        for kind in SELECTED_KINDS:
-            cls = cfg.classes[kind]
-            plugin = cls(cfg.options[kind]) if getattr(cls, "Options", None) is not None else cls()
-            self.registry.register(kind, cfg.selection[kind], plugin)
-        for name, cls in cfg.extras.items():
-            self.registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+        self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace)
         self.hook = self.registry.hook
         self.checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step = 0
@@ -77,32 +104,22 @@ class Trainer:
         """Seed, resolve the model, set every plugin up, and restore the latest checkpoint if resuming."""
         t = self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        hardware = Hardware(self.hook, self.cfg.selection["hardware"])
-        random.seed(t.seed)
-        torch.manual_seed(t.seed)
-        hardware.manual_seed(t.seed)
-        spec = models.resolve(t.model, self.run_dir, t.seed)
         ckpt = self.checkpoints.latest() if resume else None
-        ctx = RunContext(config=self.cfg.to_dict(), run_dir=self.run_dir, model=spec, hardware=hardware,
-                         seed=t.seed, resumed=ckpt is not None)
+        ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
-        self.loss: PolicyLoss = self._require("algo", "policy_loss")
-        self.stream = PromptStream(self._require("task", "dataset", split="train"), seed=t.seed)
+        self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
+        self.stream = PromptStream(self.registry.require("task", "dataset", split="train"), seed=t.seed)
         self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
+        if t.eval_every:
+            test = self.registry.require("task", "dataset", split="test")
+            self.eval_prompts = [test[i] for i in range(min(t.eval_limit, len(test)))]
         if ckpt is not None:
             self._restore(ckpt)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
         self.hook.sync_weights(weights=self.hook.policy_weights())
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
-
-    def _require(self, kind: str, hook: str, **kwargs: Any) -> Any:
-        result = getattr(self.hook, hook)(**kwargs)
-        if result is None:
-            raise PluginError(f"{kind} plugin {self.cfg.selection[kind]!r} does not implement the "
-                              f"{hook!r} hook, which every {kind} plugin must provide")
-        return result
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -124,21 +141,23 @@ class Trainer:
         groups, rounds, dropped = 0, 0, 0
         rewards, lengths, truncated, gen_tokens = [], [], [], 0
         infos: list[dict[str, float]] = []
+        rollout_infos: list[dict[str, Any]] = []
         while True:
             prompts = self.stream.take(t.prompts_per_step - groups)
             t0 = time.perf_counter()
-            batch = self._require("rollout", "sample", prompts=prompts, params=params, tools=self.tools)
+            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, tools=self.tools)
             timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
             batch.validate()
             t0 = time.perf_counter()
-            scores = self._require("task", "score", batch=batch)
+            scores = self.registry.require("task", "score", batch=batch)
             timings["timing/score"] = timings.get("timing/score", 0.0) + time.perf_counter() - t0
             batch.rewards = scores.rewards.float()
-            batch.info = [{**(a or {}), **b} for a, b in zip(batch.info or [{}] * len(batch), scores.info or [{}] * len(batch))]
+            rollout_infos += batch.info or []
+            infos += scores.info or []
+            batch.info = [{**a, **b} for a, b in zip(batch.info or [{}] * len(batch), scores.info or [{}] * len(batch))]
             rewards += batch.rewards.tolist()
             lengths += batch.response_lengths.tolist()
             truncated += batch.truncated.float().tolist()
-            infos += scores.info or []
             gen_tokens += int(batch.response_mask.sum())
             keep = self._keep(batch)
             if keep is not None:
@@ -168,9 +187,8 @@ class Trainer:
             "rollout/tokens": float(gen_tokens),
             "rollout/tokens_per_s": gen_tokens / max(timings["timing/sample"], 1e-9),
         }
-        for key in sorted({k for info in infos for k in info}):
-            values = [info[key] for info in infos if key in info]
-            stats[f"score/{key}"] = _mean([float(v) for v in values])
+        stats.update(_numeric_means(infos, "score/"))
+        stats.update(_numeric_means(rollout_infos, "rollout/"))
         batch = RolloutBatch.concat(parts) if parts else None
         if batch is not None:
             stats["batch/groups"] = float(batch.num_groups)
@@ -184,20 +202,20 @@ class Trainer:
         if batch is not None:
             t0 = time.perf_counter()
             if self.loss.needs_ref_logprobs:
-                batch.ref_logprobs = self._require("backend", "logprobs", batch=batch, reference=True)
+                batch.ref_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
             if plan.epochs * plan.mini_batches > 1:
-                batch.old_logprobs = self._require("backend", "logprobs", batch=batch, reference=False)
+                batch.old_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=False)
             timings["timing/logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            batch.advantages = self._require("algo", "advantage", batch=batch)
+            batch.advantages = self.registry.require("algo", "advantage", batch=batch)
             adv = batch.advantages
             metrics["advantage/mean"] = _masked_mean(adv, batch.response_mask)
             metrics["advantage/std"] = math.sqrt(max(_masked_mean(adv**2, batch.response_mask) - metrics["advantage/mean"] ** 2, 0.0))
             timings["timing/advantage"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self._require("backend", "update", batch=batch, loss=self.loss, plan=plan))
+            metrics.update(self.registry.require("backend", "update", batch=batch, loss=self.loss, plan=plan))
             timings["timing/update"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             metrics.update(self.hook.sync_weights(weights=self.hook.policy_weights()) or {})
@@ -214,6 +232,14 @@ class Trainer:
         metrics.update(timings)
         metrics["tokens_per_s"] = metrics["rollout/tokens"] / timings["timing/step"]
         return metrics
+
+    def validate(self) -> dict[str, float]:
+        """pass@1 and mean reward on the first `eval_limit` test problems."""
+        t = self.cfg.trainer
+        params = attrs.evolve(self.cfg.sampling.params(), n=t.eval_samples, temperature=t.eval_temperature)
+        result = evaluate(self.registry, self.eval_prompts, params, ks=[1])
+        return {"eval/pass@1": result.pass_at["pass@1"], "eval/reward": result.reward_mean,
+                "eval/reward_errors": float(result.reward_errors), "timing/eval": result.seconds}
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -254,6 +280,8 @@ class Trainer:
             while self.step < t.steps:
                 metrics = self.train_step()
                 self.step += 1
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    metrics.update(self.validate())
                 self.rewards.append(metrics["reward/mean"])
                 row = {"step": self.step, **metrics}
                 self.metrics.write(row)

@@ -166,6 +166,14 @@ class Registry:
         others = [p for k, p in self.plugins.items() if k != key]
         return self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
 
+    def require(self, kind: str, hook: str, **kwargs: Any) -> Any:
+        """Broadcast a hook that the selected `kind` plugin must implement; a clear error if it does not."""
+        result = getattr(self.pm.hook, hook)(**kwargs)
+        if result is None:
+            raise PluginError(f"{kind} plugin {self.names.get(kind, '?')!r} does not implement the {hook!r} "
+                              f"hook, which this command needs from every {kind} plugin")
+        return result
+
     def keys(self) -> list[str]:
         """Registered plugin keys in setup order (hardware, backend, rollout, task, algo, extras)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}

@@ -33,6 +33,14 @@ class TrainerOptions:
     keep_checkpoints: int = attrs.field(default=2, validator=check_range(1))
     max_resample_rounds: int = attrs.field(default=4, validator=check_range(0))
     """Extra sampling rounds to refill groups dropped by `keep_groups` (dynamic sampling)."""
+    eval_every: int = attrs.field(default=0, validator=check_range(0))
+    """Evaluate on the task's test split every N steps and at the end (0: never)."""
+    eval_limit: int = attrs.field(default=64, validator=check_range(1))
+    """Test problems per evaluation (the first N of the split)."""
+    eval_samples: int = attrs.field(default=1, validator=check_range(1))
+    """Samples per test problem during evaluation (pass@1 is averaged over them)."""
+    eval_temperature: float = attrs.field(default=0.0, validator=check_range(0.0))
+    """Sampling temperature of evaluation (0: greedy)."""
     log_every: int = attrs.field(default=10, validator=check_range(1))
     """Print a progress line every N steps when the output is not a terminal."""
 

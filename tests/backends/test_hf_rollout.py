@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlcore import Prompt, SamplingParams, Tool
+from rlcore import Prompt, SamplingParams
 from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
 from rlcore.testing import check_rollout
-from rlcore_backends.hf_rollout import HFRollout, render
+from rlcore_backends.engine import render
+from rlcore_backends.hf_rollout import HFRollout
 
 EOS = 1
 
@@ -96,7 +97,7 @@ def test_seed_and_global_rng(rollout: HFRollout, prompts: list[Prompt]) -> None:
 
 def test_chunked_generate_matches_one_call(rlcore_context: RunContext, rollout: HFRollout,
                                            prompts: list[Prompt]) -> None:
-    chunked = HFRollout(HFRollout.Options(max_prompts_per_generate=1))
+    chunked = HFRollout(HFRollout.Options(max_rows_per_generate=3))
     chunked.setup(ctx=rlcore_context)
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
     a = rollout.sample(prompts=prompts, params=params, tools=[])
@@ -120,9 +121,7 @@ def test_stop_strings(rollout: HFRollout, prompts: list[Prompt]) -> None:
             assert "5" not in batch.texts[i]
 
 
-def test_tools_and_images_are_refused(rollout: HFRollout, prompts: list[Prompt]) -> None:
-    with pytest.raises(RLCoreError, match="multi-turn tool calls"):
-        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[Tool()])
+def test_images_are_refused(rollout: HFRollout, prompts: list[Prompt]) -> None:
     prompts[0].images = ["diagram.png"]
     with pytest.raises(RLCoreError, match="images"):
         rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[])
@@ -142,4 +141,6 @@ def test_render_with_and_without_chat_template(rollout: HFRollout) -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="rollout.dtype: expected one of 'float32', 'bfloat16'"):
         build_options(HFRollout.Options, {"dtype": "float16"}, "rollout")
-    assert build_options(HFRollout.Options, {"max_prompts_per_generate": "8"}, "rollout").max_prompts_per_generate == 8
+    assert build_options(HFRollout.Options, {"max_rows_per_generate": "8"}, "rollout").max_rows_per_generate == 8
+    with pytest.raises(ConfigError, match="max_turns=0 must be at least 1"):
+        build_options(HFRollout.Options, {"max_turns": 0}, "rollout")

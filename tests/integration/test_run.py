@@ -82,3 +82,12 @@ def test_default_run_learns(tmp_path):
     assert last >= 0.5 and last >= 2 * first, proc.stdout[-2000:]
     assert "->" in proc.stdout and "next:" in proc.stdout
     assert elapsed < 600
+
+
+def test_validation_every_n_steps(tmp_path):
+    run_dir = tmp_path / "val"
+    rlcore("run", "--run-dir", run_dir, "--steps", 4, *SMALL, "--set", "trainer.eval_every=2",
+           "--set", "trainer.eval_limit=8", "--set", "trainer.save_every=0")
+    rows = MetricsLog.read(run_dir / "metrics.jsonl")
+    assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
+    assert all(0.0 <= r["eval/pass@1"] <= 1.0 for r in rows if "eval/pass@1" in r)

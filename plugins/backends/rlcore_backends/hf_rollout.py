@@ -4,6 +4,7 @@ Samples exactly what `SamplingParams` say: the model's own generation defaults (
 penalty, ...) are dropped, so the sampling distribution is softmax(logits / temperature) with top-p.
 The logprob of each sampled token is log_softmax(logits / temperature) before top-p truncation, which is
 what the trainer computes; temperature 0 samples greedily and reports logprobs at temperature 1.
+Sampling goes through `engine.run_turns`, so multi-turn tool calls work as in every other rollout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import RLCoreError
 from rlcore.models import load_model
+from rlcore_backends.engine import Completion, TurnOptions, pad, run_turns
 from rlcore_backends.logprobs import token_logprobs
 from rlcore_backends.weights import copy_weights
 
@@ -47,44 +49,63 @@ class StopStrings(StoppingCriteria):
         return (self.stopped_at > 0).to(input_ids.device)
 
 
-def render(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """Prompt token ids: the chat template with a generation prompt, or the joined contents without one."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer("\n".join(str(m["content"]) for m in prompt.messages))["input_ids"]
+class HFEngine:
+    """The `Engine` over a transformers model: batched `generate` calls with left-padded prompts."""
 
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: torch.device,
+                 max_rows: int) -> None:
+        self.model, self.tokenizer, self.eos_ids, self.device, self.max_rows = model, tokenizer, eos_ids, device, max_rows
 
-def pad(rows: Sequence[Tensor], value: float, left: bool) -> Tensor:
-    """Stack 1-D tensors into [len(rows), max length], padding on the left or the right."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        if left:
-            out[i, width - len(r):] = r
-        else:
-            out[i, :len(r)] = r
-    return out
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, `max_rows` prompts per `generate` call."""
+        return [c for i in range(0, len(prompts), self.max_rows)
+                for c in self._generate(prompts[i:i + self.max_rows], params)]
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
+        input_ids = pad(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
+        mask = pad([torch.ones_like(r) for r in rows], 0, left=True).to(self.device)
+        stop = StopStrings(self.tokenizer, params.stop, input_ids.shape[1], len(rows)) if params.stop else None
+        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0} \
+            if params.temperature > 0 else {"do_sample": False}
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, use_cache=True,
+            output_logits=True, return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([stop] if stop else []), **sampling)
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        new = out.sequences[:, input_ids.shape[1]:]
+        logprobs = torch.stack([token_logprobs(step.float() / temperature, new[:, t])
+                                for t, step in enumerate(out.logits)], dim=1).cpu()
+        generated, width = new.cpu(), new.shape[1]
+        is_eos = torch.isin(generated, torch.tensor(self.eos_ids, dtype=torch.long))
+        never = width + 1
+        eos_len = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, never)
+        stop_len = stop.stopped_at.where(stop.stopped_at > 0, never) if stop else torch.full((len(rows),), never)
+        completions = []
+        for i in range(len(rows)):
+            n = min(int(eos_len[i]), int(stop_len[i]), width)
+            reason = "eos" if eos_len[i] == n else "stop" if stop_len[i] == n else "length"
+            completions.append(Completion(generated[i, :n].tolist(), logprobs[i, :n].tolist(), reason))
+        return completions
 
 
 class HFRollout:
     """n samples per prompt with transformers `generate`, returning the sampled tokens' logprobs."""
 
     @attrs.define
-    class Options:
+    class Options(TurnOptions):
         dtype: Literal["float32", "bfloat16"] = attrs.field(
             default="float32", validator=check_choice("float32", "bfloat16"))
         """Weights and compute dtype of the rollout model (bfloat16 is ~2x faster on AMX CPUs, less exact)."""
-        max_prompts_per_generate: int = attrs.field(default=64, validator=check_range(1))
-        """Prompts per `generate` call (times n rows); bounds the memory of the kept per-step logits."""
+        max_rows_per_generate: int = attrs.field(default=512, validator=check_range(1))
+        """Sequences per `generate` call (prompts times n); bounds the memory of the kept per-step logits."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.engine: HFEngine | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
-        self.eos_ids: list[int] = []
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
@@ -94,42 +115,22 @@ class HFRollout:
         self.tokenizer = ctx.model.tokenizer
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = sorted((set(eos) | {self.tokenizer.eos_token_id}) - {None})
-        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
-                                                        pad_token_id=self.tokenizer.pad_token_id)
+        eos_ids = sorted((set(eos) | {self.tokenizer.eos_token_id}) - {None})
+        self.model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=self.tokenizer.pad_token_id)
+        self.engine = HFEngine(self.model, self.tokenizer, eos_ids, self.device, self.options.max_rows_per_generate)
 
     @hookimpl
     def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
         """n responses per prompt, each up to and including its first EOS (or stop string); `info` holds each
-        sample's `finish_reason` (eos, stop or length) and the text keeps the stop string."""
-        if tools:
-            raise RLCoreError("the hf rollout does not do multi-turn tool calls yet: choose a task without "
-                              "tools, or a rollout plugin that supports them")
+        sample's `finish_reason` (eos, stop or length) and the text keeps the stop string. With tools, the
+        multi-turn tool loop of `run_turns` (tool output masked out of the loss)."""
         if any(p.images for p in prompts):
             raise RLCoreError("the hf rollout does not pass images to vision-language models yet: choose a "
                               "text-only task, or a rollout plugin that supports images")
-        prompts = list(prompts)
-        temperature = params.temperature if params.temperature > 0 else 1.0
-        step = self.options.max_prompts_per_generate
-        samples: list[tuple[Tensor, Tensor, Tensor, str]] = []
+        o = self.options
         with self._rng(params.seed):
-            for i in range(0, len(prompts), step):
-                samples += self._generate(prompts[i:i + step], params, temperature)
-        prompt_ids, response_ids, logprobs, reasons = zip(*samples)
-        lengths = torch.tensor([len(r) for r in response_ids])
-        attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        return RolloutBatch(
-            prompt_ids=pad(prompt_ids, self.tokenizer.pad_token_id, left=True),
-            prompt_mask=pad([torch.ones_like(p) for p in prompt_ids], 0, left=True),
-            response_ids=pad(response_ids, self.tokenizer.pad_token_id, left=False),
-            response_mask=attention.float(), attention_mask=attention,
-            rollout_logprobs=pad(logprobs, 0.0, left=False),
-            group_ids=torch.arange(len(prompts)).repeat_interleave(params.n),
-            prompts=[p for p in prompts for _ in range(params.n)],
-            texts=[self.tokenizer.decode(r, skip_special_tokens=True) for r in response_ids],
-            truncated=torch.tensor([r == "length" for r in reasons]),
-            temperature=temperature, info=[{"finish_reason": r} for r in reasons],
-        )
+            return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
+                             max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout)
 
     @hookimpl
     def sync_weights(self, weights: Weights) -> dict[str, float]:
@@ -140,34 +141,6 @@ class HFRollout:
         source = weights.module.state_dict().items() if weights.module is not None else weights.named_tensors()
         copy_weights(self.model, source)
         return {"sync/seconds": time.perf_counter() - start}
-
-    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams,
-                  temperature: float) -> list[tuple[Tensor, Tensor, Tensor, str]]:
-        """One `generate` call on n copies of each prompt: per sample (prompt, response, logprobs, finish)."""
-        rows = [torch.tensor(ids) for p in prompts for ids in [render(self.tokenizer, p)] * params.n]
-        input_ids = pad(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
-        mask = pad([torch.ones_like(r) for r in rows], 0, left=True).to(self.device)
-        stop = StopStrings(self.tokenizer, params.stop, input_ids.shape[1], len(rows)) if params.stop else None
-        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0} \
-            if params.temperature > 0 else {"do_sample": False}
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, use_cache=True,
-            output_logits=True, return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([stop] if stop else []), **sampling)
-        new = out.sequences[:, input_ids.shape[1]:]
-        logprobs = torch.stack([token_logprobs(step.float() / temperature, new[:, t])
-                                for t, step in enumerate(out.logits)], dim=1).cpu()
-        generated, width = new.cpu(), new.shape[1]
-        is_eos = torch.isin(generated, torch.tensor(self.eos_ids, dtype=torch.long))
-        never = width + 1
-        eos_len = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, never)
-        stop_len = stop.stopped_at.where(stop.stopped_at > 0, never) if stop else torch.full((len(rows),), never)
-        samples = []
-        for i, row in enumerate(rows):
-            n = min(int(eos_len[i]), int(stop_len[i]), width)
-            reason = "eos" if eos_len[i] == n else "stop" if stop_len[i] == n else "length"
-            samples.append((row, generated[i, :n], logprobs[i, :n], reason))
-        return samples
 
     @contextlib.contextmanager
     def _rng(self, seed: int | None) -> Iterator[None]:
