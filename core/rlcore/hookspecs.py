@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -74,6 +74,16 @@ def log_metrics(step: int, metrics: dict[str, float]) -> None:
 def step_metrics() -> dict[str, float]:
     """Any plugin, collected and merged. Called at the end of every step, before metrics are written:
     numbers the plugin measured during the step (advantage statistics, KL coefficient, cache hits)."""
+
+
+# ---- placement -----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def place(kind: str, name: str, cls: type, options: Any) -> Any:
+    """Placement, first result. Called once per selected plugin of the other kinds, before any `setup`:
+    return the object to register for it — the instance `cls(options)` (local placement), or a proxy
+    whose hook implementations forward to an instance running elsewhere (Ray actors). `options` is the
+    typed options instance, or None for a plugin that declares none."""
 
 
 # ---- task ---------------------------------------------------------------------------------------

@@ -60,15 +60,26 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False) -> Registry:
-    """Instantiate the selected plugins of `kinds` (plus the extras) with their typed options."""
+    """Register the selected placement plugin, then the selected plugins of `kinds` as it places them
+    (in process, or proxies to workers elsewhere), then the extras."""
     registry = Registry(trace=trace)
+    name = cfg.selection["placement"]
+    registry.register("placement", name, _instance(cfg.classes["placement"], cfg.options["placement"]))
     for kind in kinds:
+        if kind == "placement":
+            continue
         cls = cfg.classes[kind]
-        plugin = cls(cfg.options[kind]) if getattr(cls, "Options", None) is not None else cls()
-        registry.register(kind, cfg.selection[kind], plugin)
-    for name, cls in cfg.extras.items():
-        registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+        options = cfg.options[kind] if getattr(cls, "Options", None) is not None else None
+        registry.register(kind, cfg.selection[kind],
+                          registry.require("placement", "place", kind=kind, name=cfg.selection[kind], cls=cls,
+                                           options=options))
+    for extra, cls in cfg.extras.items():
+        registry.register("extra", extra, instantiate(cls, None, f"extra.{extra}"))
     return registry
+
+
+def _instance(cls: type, options: Any) -> Any:
+    return cls(options) if getattr(cls, "Options", None) is not None else cls()
 
 
 def make_context(cfg: ResolvedConfig, registry: Registry, run_dir: Path, resumed: bool = False,

@@ -1,8 +1,9 @@
 """Finding, selecting and registering plugins.
 
 Plugins are found through entry points, one group per kind (`rlcore.algo`, `rlcore.backend`,
-`rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, and `rlcore.extra` for cross-cutting plugins such
-as experiment trackers that are always active). An entry point names a class; the run instantiates it
+`rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, `rlcore.placement` — where the other plugins run:
+in this process, or as Ray actors — and `rlcore.extra` for cross-cutting plugins such as experiment
+trackers that are always active). An entry point names a class; the run instantiates it
 with its typed options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing
 is imported until selected, so a broken plugin breaks only the runs that select it.
 
@@ -24,8 +25,8 @@ from rlcore import hookspecs
 from rlcore.config import build_options
 from rlcore.errors import PluginError
 
-KINDS = ("algo", "backend", "rollout", "task", "hardware", "extra")
-SELECTED_KINDS = ("hardware", "backend", "rollout", "task", "algo")
+KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra")
+SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
 GROUP = "rlcore.{kind}"
 DISABLE_ENV = "RLCORE_DISABLE_PLUGINS"
@@ -166,7 +167,7 @@ class Registry:
         others = [p for k, p in self.plugins.items() if k != key]
         return self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
 
-    def require(self, kind: str, hook: str, **kwargs: Any) -> Any:
+    def require(self, kind: str, hook: str, /, **kwargs: Any) -> Any:
         """Broadcast a hook that the selected `kind` plugin must implement; a clear error if it does not."""
         result = getattr(self.pm.hook, hook)(**kwargs)
         if result is None:
@@ -175,7 +176,7 @@ class Registry:
         return result
 
     def keys(self) -> list[str]:
-        """Registered plugin keys in setup order (hardware, backend, rollout, task, algo, extras)."""
+        """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, extras)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}
         return sorted(self.plugins, key=lambda k: order.get(k, len(order)))
 

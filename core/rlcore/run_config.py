@@ -11,7 +11,8 @@ from rlcore.config import build_options, check_range, merge, options_to_dict
 from rlcore.errors import ConfigError
 from rlcore.types import SamplingParams
 
-DEFAULT_PLUGINS = {"algo": "grpo", "backend": "torch", "rollout": "hf", "task": "arithmetic", "hardware": "auto"}
+DEFAULT_PLUGINS = {"algo": "grpo", "backend": "torch", "rollout": "hf", "task": "arithmetic", "hardware": "auto",
+                   "placement": "local"}
 
 
 @attrs.define

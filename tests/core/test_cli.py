@@ -67,7 +67,7 @@ def test_dry_run_resolves_everything(tmp_path):
     assert r.exit_code == 0, r.output
     resolved = yaml.safe_load(r.output.split("dry run:")[0])
     assert resolved["plugins"] == {"algo": "grpo", "backend": "torch", "rollout": "hf", "task": "arithmetic",
-                                   "hardware": "cpu"}
+                                   "hardware": "cpu", "placement": "local"}
     assert resolved["trainer"]["steps"] == 9 and resolved["trainer"]["seed"] == 3 and resolved["sampling"]["n"] == 4
     assert resolved["backend"]["lr"] == 1e-3 and resolved["task"]["max_operand"] == 4  # the embedded preset, since no --model was given
 

@@ -1,0 +1,88 @@
+"""Reading the final answer out of a response: GSM8K numbers (`#### N` or the last number), the contents
+of `\\boxed{}` and DAPO's `Answer: X` line."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+NUMBER = re.compile(r"(?<![\d.])-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+"""An integer or decimal with an optional sign, `$` and thousands commas ("-$1,234.50"). A '-' counts as a
+sign only when no digit precedes it, so "5-3" reads as 5 and 3."""
+STRICT = re.compile(r"####\s*(" + NUMBER.pattern + ")")
+BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*(\{)?")
+ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
+TOOL_RESPONSE = re.compile(r"<tool_response>.*?(?:</tool_response>|$)", re.DOTALL)
+
+
+def parse_number(text: str) -> Fraction:
+    """The exact value of a number as NUMBER matches it: "$1,234.50" -> 2469/2, "72.0" -> 72."""
+    return Fraction(text.replace(",", "").replace("$", ""))
+
+
+def gsm8k_answer(text: str, mode: str) -> Fraction | None:
+    """The number a response answers with: after its last `####` (`strict`), or its last number
+    (`flexible`); None when there is none."""
+    if mode == "strict":
+        found = STRICT.findall(text)
+    else:
+        found = NUMBER.findall(text)
+    return parse_number(found[-1]) if found else None
+
+
+def gsm8k_reference(solution: str) -> str:
+    """The final answer of a GSM8K reference solution (the number after its last `####`), commas and `$`
+    removed; ValueError when there is none."""
+    _, sep, tail = solution.rpartition("####")
+    tail = tail.strip()
+    if not sep or not NUMBER.fullmatch(tail):
+        raise ValueError(f"no number after '####' in {solution[-60:]!r}")
+    return tail.replace(",", "").replace("$", "")
+
+
+def without_tool_responses(text: str) -> str:
+    """`text` less the `<tool_response>` blocks that chat templates wrap tool output in."""
+    return TOOL_RESPONSE.sub("", text)
+
+
+def _braced(text: str, start: int) -> str | None:
+    """The text from `start` up to the brace closing an already opened `{`; None when it never closes.
+    Escaped braces (`\\{`, `\\}`) do not count."""
+    depth, i = 1, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return text[start:i]
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{...}` or `\\fbox{...}` (nested braces included), or of a
+    `\\boxed 5` without braces; None when there is none, it is empty or it never closes."""
+    matches = list(BOX.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    if m.group(1):
+        inner = _braced(text, m.end())
+    else:
+        token = re.match(r"[^\s$]+", text[m.end():])
+        inner = token.group(0) if token else None
+    return (inner.strip() or None) if inner else None
+
+
+def answer_line(text: str) -> str | None:
+    """The answer on DAPO's last `Answer: X` line, without surrounding `$` or a final period (and the
+    contents of a `\\boxed{}` written there); None when there is no such line."""
+    found = ANSWER_LINE.findall(text)
+    if not found:
+        return None
+    answer = found[-1].strip().rstrip(".").strip().strip("$").strip()
+    if BOX.search(answer):
+        return last_boxed(answer)
+    return answer or None

@@ -1,0 +1,118 @@
+"""Loading a task's rows through `datasets` (a local jsonl / json / parquet file, a local directory whose
+file names give the splits, or a hub id where a network exists) and turning them into Prompts, with every
+bad row reported by index and either skipped or rejected.
+
+Rows in verl's format (`prompt` as chat messages, `reward_model.ground_truth`, `extra_info`) are read
+by `verl_fields`, so parquet files prepared for verl work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from rlcore import Prompt
+from rlcore.errors import DataError
+
+log = logging.getLogger("rlcore.tasks")
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet"}
+BAD_ROWS = ("skip", "error")
+SHOWN_SKIPS = 5
+"""Skipped rows named one by one in the warning; the rest are only counted."""
+
+
+class BadRow(ValueError):
+    """Raised by a row converter: the message names the missing or malformed field."""
+
+
+def field(row: Mapping[str, Any], *path: str) -> Any:
+    """`row[path[0]][path[1]]...`; BadRow naming the dotted field when it is absent, null or empty."""
+    value: Any = row
+    for key in path:
+        value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None or value == "":
+            raise BadRow(f"missing field '{'.'.join(path)}'")
+    return value
+
+
+def is_verl_row(row: Mapping[str, Any]) -> bool:
+    """Whether a row is in verl's format (chat-message `prompt` plus `reward_model`)."""
+    return "prompt" in row and "reward_model" in row
+
+
+def verl_fields(row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """A verl row's chat messages, ground truth and the rest of the row (`data_source`, `extra_info`, ...)."""
+    messages = field(row, "prompt")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise BadRow("field 'prompt' must be a list of chat messages with string 'role' and 'content'")
+    truth = field(row, "reward_model", "ground_truth")
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "reward_model")}
+    return [{"role": m["role"], "content": m["content"]} for m in messages], str(truth), rest
+
+
+def is_local(path: str) -> bool:
+    """Whether `path` names a local file or directory (rather than a hub id)."""
+    return Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~")) or any(
+        path.endswith(suffix) for suffix in BUILDERS)
+
+
+def load_split(split: str, path: str, split_path: str = "", subset: str = "") -> tuple[Any, str]:
+    """The rows of `split` through `datasets`, and where they came from (for messages).
+
+    `split_path`, when given, holds this split alone: a local file (all its rows), a directory or a hub
+    id. Otherwise `path` holds both splits: a local directory (the split from its file names, e.g.
+    train.parquet / test.jsonl) or a hub id (`subset` is its config name).
+    """
+    import datasets
+
+    whole_file = bool(split_path)
+    path = split_path or path
+    local = Path(path).expanduser()
+    if is_local(path) and not local.exists():
+        raise DataError(f"data file {path!r} does not exist")
+    if local.is_file():
+        suffix = next((s for s in BUILDERS if local.name.endswith(s)), None)
+        if suffix is None:
+            raise DataError(f"data file {path!r}: unknown type; use .jsonl, .json or .parquet")
+        if not whole_file:
+            raise DataError(f"{path!r} is a single file, which cannot hold the {split!r} split: give a "
+                            f"directory holding train and test files, or the file as {split}_path")
+        args: dict[str, Any] = {"path": BUILDERS[suffix], "data_files": str(local), "split": "train"}
+        source = str(local)
+    else:
+        args = {"path": str(local) if local.is_dir() else path, "name": subset or None, "split": split}
+        source = f"{path} ({split} split)"
+    try:
+        return datasets.load_dataset(**args), source
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean the data cannot be read
+        hint = "" if local.exists() else " (a hub id needs a network; set the task's path to a local directory)"
+        raise DataError(f"cannot load {source} through datasets: {type(e).__name__}: {e}{hint}") from e
+
+
+def to_prompts(rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str, Any], int], Prompt],
+               source: str, bad_rows: str) -> list[Prompt]:
+    """`convert(row, index)` for every row. A row it rejects with BadRow raises DataError naming the
+    source, the row index (from 0) and the field when `bad_rows` is "error"; with "skip" it is left out
+    and reported in one warning."""
+    prompts: list[Prompt] = []
+    skipped: list[str] = []
+    for i, row in enumerate(rows):
+        try:
+            prompts.append(convert(row, i))
+        except BadRow as e:
+            if bad_rows == "error":
+                raise DataError(f"{source}: row {i}: {e} (set bad_rows=skip in the task's options to skip "
+                                "bad rows)") from None
+            skipped.append(f"row {i}: {e}")
+    if skipped:
+        more = f"; and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+        log.warning("%s: skipped %d bad rows of %d: %s%s", source, len(skipped), len(skipped) + len(prompts),
+                    "; ".join(skipped[:SHOWN_SKIPS]), more)
+    if not prompts:
+        raise DataError(f"{source}: no usable rows")
+    return prompts
