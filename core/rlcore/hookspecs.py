@@ -99,7 +99,10 @@ def dataset(split: str) -> Sequence[Prompt]:
 def score(batch: RolloutBatch) -> Scores:
     """Task, first result. Called after `sample`: one reward per response (from `batch.texts`,
     `batch.prompts[i].answer`, `batch.info`). A reward function that raises must not stop the run:
-    use `rlcore.scoring.score_each`, which scores 0 and counts the error."""
+    use `rlcore.scoring.score_each`, which scores 0 and counts the error. After a multi-turn rollout,
+    `batch.texts[i]` is the whole response as the chat template renders it (tool turns included) and
+    `batch.info[i]` holds `turns`, `tool_calls`, `tool_errors` and `tool_reward` (the sum of the tools'
+    step rewards); whether `tool_reward` enters the reward is the task's choice."""
 
 
 @hookspec

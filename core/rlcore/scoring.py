@@ -19,8 +19,8 @@ def score_each(batch: RolloutBatch, fn: RewardFn) -> Scores:
     """Score every response with `fn(text, prompt)`.
 
     `fn` returns a reward, or a dict with a `reward` key plus other numbers to log. A call that raises
-    scores 0 with `reward_error=1` in its info (logged as `score/reward_error`), so one bad sample
-    never stops the run; the first error of a batch is logged with its message.
+    scores 0 with `reward_error=1` and every other info key of the batch at 0 (logged as
+    `score/reward_error`), so one bad sample never stops the run; the first error of a batch is logged.
     """
     rewards: list[float] = []
     infos: list[dict[str, float]] = []
@@ -41,6 +41,10 @@ def score_each(batch: RolloutBatch, fn: RewardFn) -> Scores:
         rewards.append(reward)
         infos.append(info)
     if first_error is not None:
+        keys = {k for info in infos for k in info}
+        for info in infos:
+            if info["reward_error"]:
+                info.update({k: 0.0 for k in keys if k not in info})  # so `score/correct` counts it as wrong
         n = sum(int(x["reward_error"]) for x in infos)
         log.warning("reward function raised on %d of %d samples; first: %s", n, len(infos), first_error)
     return Scores(rewards=torch.tensor(rewards, dtype=torch.float32), info=infos)

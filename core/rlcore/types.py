@@ -28,7 +28,8 @@ class Prompt:
     images: list[Any] | None = None
     """Images for vision-language tasks (PIL images or paths), passed to the model's processor."""
     tools: list[dict[str, Any]] | None = None
-    """JSON-schema tool specs offered through the chat template's `tools` argument."""
+    """JSON-schema tool specs for this prompt alone; tasks that offer tools through the `tools` hook leave
+    it None and the rollout renders the hook's `Tool.schema()`s."""
 
 
 @attrs.define

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch, SamplingParams, UpdatePlan, Weights
+from policy_losses import NeedsRef, TokenMeanPG
+from rlcore import RolloutBatch, SamplingParams, UpdatePlan, Weights
 from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, TrainingError
@@ -18,20 +19,6 @@ from rlcore_backends.hf_rollout import HFRollout
 from rlcore_backends.torch_backend import TorchBackend
 
 Factory = Callable[..., TorchBackend]
-
-
-class TokenMeanPG(PolicyLoss):
-    """-(ratio * advantage), token-mean over the mini-batch: the simplest loss that depends on every token."""
-
-    def __call__(self, inputs: LossInputs, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        old = inputs.old_logprobs if inputs.old_logprobs is not None else inputs.logprobs.detach()
-        ratio = torch.exp(inputs.logprobs - old)
-        loss = -(ratio * inputs.advantages * inputs.mask).sum() / norm.tokens
-        return loss, {"pg/ratio": (ratio.detach() * inputs.mask).sum() / norm.tokens}
-
-
-class NeedsRef(TokenMeanPG):
-    needs_ref_logprobs = True
 
 
 def grads_per_step(backend: TorchBackend) -> list[dict[str, Tensor]]:

@@ -91,3 +91,10 @@ def test_validation_every_n_steps(tmp_path):
     rows = MetricsLog.read(run_dir / "metrics.jsonl")
     assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
     assert all(0.0 <= r["eval/pass@1"] <= 1.0 for r in rows if "eval/pass@1" in r)
+
+
+def test_trace_prints_every_hook_call(tmp_path):
+    proc = rlcore("run", "--trace", "--run-dir", tmp_path / "t", "--steps", 1, *SMALL, "--set", "trainer.save_every=0")
+    calls = [line for line in proc.stderr.splitlines() if line.startswith("[rlcore trace]")]
+    for hook in ("setup", "dataset", "sample", "score", "advantage", "update", "policy_weights", "sync_weights"):
+        assert any(f" {hook} [hook]" in line for line in calls), hook

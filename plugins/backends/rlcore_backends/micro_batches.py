@@ -1,4 +1,5 @@
-"""Token-budget micro-batching: consecutive samples packed so each forward pass stays within a budget."""
+"""Cutting a batch for training: token-budget micro-batches (consecutive samples packed so each forward
+pass stays within a budget) and contiguous shards for data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def take(batch: RolloutBatch, mb: MicroBatch) -> RolloutBatch:
     changes.update({name: getattr(part, name)[:, :mb.response_width] for name in RESPONSE_FIELDS
                     if getattr(part, name) is not None})
     return attrs.evolve(part, **changes)
+
+
+def rank_shards(batch: RolloutBatch, world_size: int) -> list[tuple[RolloutBatch, int]]:
+    """`world_size` contiguous shards (sizes differ by at most one), each with its number of real rows.
+
+    A rank left without a sample gets the batch's first row with its loss mask zeroed (0 real rows): it
+    still joins every collective pass but adds nothing to the loss, the counts or the gradients.
+    """
+    out = []
+    for rows in torch.arange(len(batch)).tensor_split(world_size):
+        if len(rows):
+            out.append((batch.select(rows), len(rows)))
+            continue
+        empty = batch.select([0])
+        empty.response_mask = torch.zeros_like(empty.response_mask)
+        if empty.advantages is not None:
+            empty.advantages = torch.zeros_like(empty.advantages)
+        out.append((empty, 0))
+    return out

@@ -15,7 +15,7 @@ from torch import Tensor
 from rlcore import SamplingParams
 from rlcore.errors import RLCoreError
 from rlcore_backends.engine import Completion
-from rlcore_backends.sglang_api import (check_result, disk_update_request, distributed_update_request,
+from rlcore_backends.sglang_api import (SGLangError, check_result, disk_update_request, distributed_update_request,
                                         generate_request, init_group_request, memory_request, parse_generate,
                                         tensor_update_request)
 from rlcore_backends.sglang_http import HTTPClient, ServerProcess
@@ -62,7 +62,8 @@ class SGLangEngine:
             named_tensors=named_tensors, load_format=None, flush_cache=flush_cache))
 
     def update_weights_from_disk(self, model_path: str) -> None:
-        check_result("update_weights_from_disk", self.engine.update_weights_from_disk(**disk_update_request(model_path)))
+        result = self.engine.update_weights_from_disk(**disk_update_request(model_path))
+        check_result("update_weights_from_disk", result)
 
     def flush_cache(self) -> None:
         check_result("flush_cache", self.engine.flush_cache())
@@ -85,6 +86,13 @@ class SGLangServer:
                  serialize: Callable[[Any], str] | None = None) -> None:
         self.client, self.tp_size, self.process = client, tp_size, process
         self._serialize = serialize
+
+    def check_health(self) -> None:
+        """Raise unless `GET /health` answers 200 (SGLang answers 503 while it starts or is unhealthy)."""
+        status = self.client.get("/health")
+        if status != 200:
+            raise SGLangError(f"the SGLang server at {self.client.url} is not healthy (GET /health answered HTTP "
+                              f"{status}): wait until it has loaded the model, or check its log")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         return parse_generate(self.client.post("/generate", generate_request(prompts, params)), len(prompts))

@@ -47,6 +47,8 @@ class HTTPClient:
                 return response.status
         except urllib.error.HTTPError as e:
             return e.code
+        except OSError as e:  # URLError (refused, unknown host), timeouts, dropped connections
+            raise self._unreachable(getattr(e, "reason", e)) from None
 
     def _send(self, endpoint: str, request: urllib.request.Request, as_json: bool) -> Any:
         try:
@@ -59,16 +61,12 @@ class HTTPClient:
             except json.JSONDecodeError:
                 detail = text.strip()[:500]
             raise SGLangError(f"SGLang {endpoint} answered HTTP {e.code}: {detail}") from None
-        except (TimeoutError, socket.timeout):
-            raise SGLangError(f"SGLang {endpoint} did not answer within {self.timeout:g} s at {self.url}: the server "
-                              "is overloaded or stuck; raise rollout.timeout or check the server log") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise SGLangError(f"SGLang {endpoint} did not answer within {self.timeout:g} s at {self.url}; "
-                                  "raise rollout.timeout or check the server log") from None
-            raise SGLangError(f"cannot reach the SGLang server at {self.url} ({e.reason}): start it with "
-                              "`python -m sglang.launch_server --model-path ... --port ...`, fix rollout.url, or "
-                              "leave rollout.url empty to let rlcore launch one") from None
+        except OSError as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise SGLangError(f"SGLang {endpoint} did not answer within {self.timeout:g} s at {self.url}: the "
+                                  "server is overloaded or stuck; raise rollout.timeout or check its log") from None
+            raise self._unreachable(reason) from None
         if not as_json:
             return body
         try:
@@ -76,6 +74,11 @@ class HTTPClient:
         except json.JSONDecodeError as e:
             raise SGLangError(f"SGLang {endpoint} returned invalid JSON ({e.msg}): {body[:200]!r}; is {self.url} "
                               "an SGLang server?") from None
+
+    def _unreachable(self, reason: object) -> SGLangError:
+        return SGLangError(f"cannot reach the SGLang server at {self.url} ({reason}): start it with `python -m "
+                           "sglang.launch_server --model-path ... --port ...`, fix rollout.url, or leave rollout.url "
+                           "empty to let rlcore launch one")
 
 
 def free_port() -> int:
@@ -118,23 +121,20 @@ class ServerProcess:
             try:
                 if client.get("/health", timeout=5) == 200:
                     return
-            except (SGLangError, OSError):
-                pass
+            except SGLangError:
+                pass  # not listening yet
             time.sleep(0.5)
         self.stop()
         raise SGLangError(f"the SGLang server did not become healthy within {timeout:g} s (raise rollout.timeout "
                           f"for big models); its log ({self.log_path}) ends with:\n{self.log_tail()}")
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL what is left after `grace` seconds."""
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # Children (scheduler, detokenizer) can outlive the launcher; the group is ours alone.
-        self._signal(signal.SIGKILL)
+        """SIGTERM the server's process group, SIGKILL what is left after `grace` seconds; returns once no
+        process of the group runs (so its GPU memory is free)."""
+        self._signal(signal.SIGTERM)
+        if not self._wait_group(grace):
+            self._signal(signal.SIGKILL)
+            self._wait_group(10.0)
         if self.process.poll() is None:
             self.process.wait()
 
@@ -149,3 +149,28 @@ class ServerProcess:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:
             pass
+
+    def _wait_group(self, timeout: float) -> bool:
+        """Wait until the group has no running process (children such as SGLang's scheduler included)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.process.poll()  # reap the launcher
+            if not self._members():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def _members(self) -> list[int]:
+        """Pids of the live (not zombie) processes in the server's process group, from /proc."""
+        members = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[2]) == self.process.pid:
+                members.append(int(entry.name))
+        return members

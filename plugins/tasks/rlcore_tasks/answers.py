@@ -30,14 +30,21 @@ def gsm8k_answer(text: str, mode: str) -> Fraction | None:
     return parse_number(found[-1]) if found else None
 
 
+def plain_number(text: str) -> str:
+    """One number as plain text ("$1,000" -> "1000"); ValueError when `text` is not exactly one number."""
+    text = text.strip()
+    if not NUMBER.fullmatch(text):
+        raise ValueError(f"{text[:60]!r} is not a number")
+    return text.replace(",", "").replace("$", "")
+
+
 def gsm8k_reference(solution: str) -> str:
-    """The final answer of a GSM8K reference solution (the number after its last `####`), commas and `$`
-    removed; ValueError when there is none."""
+    """The final answer of a GSM8K reference solution (the number after its last `####`) as plain text;
+    ValueError when there is none."""
     _, sep, tail = solution.rpartition("####")
-    tail = tail.strip()
-    if not sep or not NUMBER.fullmatch(tail):
-        raise ValueError(f"no number after '####' in {solution[-60:]!r}")
-    return tail.replace(",", "").replace("$", "")
+    if not sep:
+        raise ValueError("no '#### <answer>' line")
+    return plain_number(tail)
 
 
 def without_tool_responses(text: str) -> str:

@@ -62,7 +62,7 @@ def is_local(path: str) -> bool:
 
 
 def load_split(split: str, path: str, split_path: str = "", subset: str = "") -> tuple[Any, str]:
-    """The rows of `split` through `datasets`, and where they came from (for messages).
+    """The rows of `split` through `datasets`, and the files (or hub id) they came from, for messages.
 
     `split_path`, when given, holds this split alone: a local file (all its rows), a directory or a hub
     id. Otherwise `path` holds both splits: a local directory (the split from its file names, e.g.
@@ -70,28 +70,34 @@ def load_split(split: str, path: str, split_path: str = "", subset: str = "") ->
     """
     import datasets
 
-    whole_file = bool(split_path)
-    path = split_path or path
-    local = Path(path).expanduser()
-    if is_local(path) and not local.exists():
-        raise DataError(f"data file {path!r} does not exist")
-    if local.is_file():
-        suffix = next((s for s in BUILDERS if local.name.endswith(s)), None)
-        if suffix is None:
-            raise DataError(f"data file {path!r}: unknown type; use .jsonl, .json or .parquet")
-        if not whole_file:
-            raise DataError(f"{path!r} is a single file, which cannot hold the {split!r} split: give a "
-                            f"directory holding train and test files, or the file as {split}_path")
-        args: dict[str, Any] = {"path": BUILDERS[suffix], "data_files": str(local), "split": "train"}
-        source = str(local)
-    else:
-        args = {"path": str(local) if local.is_dir() else path, "name": subset or None, "split": split}
-        source = f"{path} ({split} split)"
+    name = split_path or path
+    local = Path(name).expanduser()
+    if is_local(name) and not local.exists():
+        raise DataError(f"data path {name!r} does not exist")
+    if local.is_file() and not split_path:
+        raise DataError(f"{name!r} is a single file, which cannot hold both splits: give a directory holding "
+                        f"train and test files, or give the file as task.{split}_path")
+    suffix = next((s for s in BUILDERS if local.name.endswith(s)), None)
+    if local.is_file() and suffix is None:
+        raise DataError(f"data file {name!r}: unknown type; use .jsonl, .json or .parquet")
     try:
-        return datasets.load_dataset(**args), source
+        if local.is_file():
+            return datasets.load_dataset(BUILDERS[suffix], data_files=str(local), split="train"), str(local)
+        if local.is_dir():
+            files = datasets.load_dataset_builder(str(local)).config.data_files
+            if split not in files:
+                raise DataError(f"{name} holds no {split} files (found: {', '.join(map(str, files)) or 'none'}); "
+                                f"name them like {split}.jsonl or {split}.parquet, or set task.{split}_path")
+            more = len(files[split]) - 3
+            shown = ", ".join(files[split][:3]) + (f" and {more} more" if more > 0 else "")
+            return datasets.load_dataset(str(local), split=split), shown
+        return datasets.load_dataset(name, subset or None, split=split), f"{name} ({split} split)"
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean the data cannot be read
-        hint = "" if local.exists() else " (a hub id needs a network; set the task's path to a local directory)"
-        raise DataError(f"cannot load {source} through datasets: {type(e).__name__}: {e}{hint}") from e
+        hint = "" if local.exists() else (" (a hub id needs a network: set task.path to a local directory, or "
+                                          "task.train_path / task.test_path to local files)")
+        raise DataError(f"cannot load {name} ({split} split) through datasets: {type(e).__name__}: {e}{hint}") from e
 
 
 def to_prompts(rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str, Any], int], Prompt],
@@ -106,8 +112,7 @@ def to_prompts(rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str
             prompts.append(convert(row, i))
         except BadRow as e:
             if bad_rows == "error":
-                raise DataError(f"{source}: row {i}: {e} (set bad_rows=skip in the task's options to skip "
-                                "bad rows)") from None
+                raise DataError(f"{source}: row {i}: {e} (--set task.bad_rows=skip skips bad rows)") from None
             skipped.append(f"row {i}: {e}")
     if skipped:
         more = f"; and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""

@@ -1,0 +1,68 @@
+"""Options and optimizer shared by every trainer backend (torch, fsdp, lora): AdamW with linear warmup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Literal
+
+import attrs
+import torch
+
+from rlcore.config import check_choice, check_range
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@attrs.define
+class TrainOptions:
+    """What a trainer backend needs to take optimizer steps: AdamW, warmup, clipping, micro-batches, dtype."""
+
+    lr: float = attrs.field(default=1e-6, validator=check_range(0.0))
+    """AdamW peak learning rate (1e-6 suits full fine-tuning of a pretrained LLM)."""
+    weight_decay: float = attrs.field(default=0.0, validator=check_range(0.0))
+    """AdamW decoupled weight decay, applied to every trained parameter."""
+    betas: tuple[float, float] = attrs.field(
+        default=(0.9, 0.999), validator=attrs.validators.deep_iterable(check_range(0.0, 1.0)))
+    """AdamW (beta1, beta2)."""
+    eps: float = attrs.field(default=1e-8, validator=check_range(0.0))
+    """AdamW epsilon."""
+    warmup_steps: int = attrs.field(default=0, validator=check_range(0))
+    """Optimizer steps of linear LR warmup; the LR is constant afterwards."""
+    max_grad_norm: float = attrs.field(default=1.0, validator=check_range(0.0))
+    """Clip the global gradient norm to this (0: no clipping; `grad_norm` is reported either way)."""
+    micro_batch_tokens: int = attrs.field(default=16384, validator=check_range(1))
+    """Padded tokens (prompt + response) per forward/backward pass; a micro-batch holds at least one sample."""
+    dtype: Literal["float32", "bfloat16"] = attrs.field(
+        default="float32", validator=check_choice("float32", "bfloat16"))
+    """Compute dtype: bfloat16 runs forward passes under autocast (weights and optimizer stay float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup over the first `warmup_steps` optimizer steps (the first step gets lr / warmup_steps),
+    constant after."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], options: TrainOptions
+                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters that require grad, and its warmup schedule."""
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=options.lr,
+                                  betas=tuple(options.betas), eps=options.eps, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_factor, warmup_steps=options.warmup_steps))
+    return optimizer, scheduler
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of a transformers model."""
+    # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """Autocast to bfloat16 when `dtype` says so, a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

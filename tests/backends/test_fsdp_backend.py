@@ -1,0 +1,184 @@
+"""The fsdp backend with 2 CPU processes (gloo) against the single-process torch backend on the same batches.
+
+One worker group serves the whole module (starting one costs seconds); each test first restores the
+group's starting state from a checkpoint, which exercises `load_state` too. The dead-worker test ends
+the group, so it comes last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policy_losses import SequenceMeanPG, TokenMeanPG
+from rlcore import RolloutBatch, SamplingParams, UpdatePlan
+from rlcore.context import RunContext
+from rlcore.errors import TrainingError
+from rlcore.testing import make_context
+from rlcore_backends import micro_batches
+from rlcore_backends.fsdp_backend import FSDPBackend
+from rlcore_backends.hf_rollout import HFRollout
+from rlcore_backends.torch_backend import TorchBackend
+
+OPTIONS = {"lr": 1e-3, "micro_batch_tokens": 40, "warmup_steps": 2, "weight_decay": 0.01}
+"""Shared by both backends: a budget of 40 tokens gives 2-3 samples per micro-batch."""
+
+
+@pytest.fixture(scope="module")
+def module_context(tmp_path_factory: pytest.TempPathFactory, rlcore_tiny_model: Path) -> RunContext:
+    return make_context(tmp_path_factory.mktemp("fsdp"), rlcore_tiny_model)
+
+
+@pytest.fixture(scope="module")
+def group(module_context: RunContext) -> Iterator[tuple[FSDPBackend, Path]]:
+    """A started 2-rank fsdp backend and a checkpoint of its starting state."""
+    backend = FSDPBackend(FSDPBackend.Options(world_size=2, timeout_s=120, **OPTIONS))
+    backend.setup(ctx=module_context)
+    start = module_context.run_dir / "start"
+    start.mkdir()
+    backend.save_state(directory=start)
+    yield backend, start
+    backend.teardown()
+
+
+@pytest.fixture
+def fsdp(group: tuple[FSDPBackend, Path]) -> FSDPBackend:
+    """The module's fsdp backend, back at its starting state."""
+    backend, start = group
+    backend.load_state(directory=start)
+    assert backend.steps == 0
+    return backend
+
+
+@pytest.fixture
+def torch_backend(make_backend: Callable[..., TorchBackend]) -> TorchBackend:
+    return make_backend(**OPTIONS)
+
+
+def weights(backend: FSDPBackend | TorchBackend) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in backend.policy_weights().named_tensors()}
+
+
+def assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def on_policy(batch: RolloutBatch) -> RolloutBatch:
+    batch.old_logprobs = None
+    return batch
+
+
+def test_logprobs_match_torch_backend(fsdp: FSDPBackend, torch_backend: TorchBackend, batch: RolloutBatch) -> None:
+    want = torch_backend.logprobs(batch=batch, reference=False)
+    torch.testing.assert_close(fsdp.logprobs(batch=batch, reference=False), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fsdp.logprobs(batch=batch, reference=True), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(want, batch.rollout_logprobs, atol=1e-5, rtol=0)
+
+
+def test_update_matches_torch_backend(fsdp: FSDPBackend, torch_backend: TorchBackend, batch: RolloutBatch) -> None:
+    """Same loss, metrics and updated weights over two calls of two optimizer steps (warmup, weight decay)."""
+    batch.old_logprobs = batch.rollout_logprobs - 0.1 * batch.response_mask
+    start = weights(fsdp)
+    assert_same_weights(start, weights(torch_backend), atol=0)
+    for _ in range(2):
+        want = torch_backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        got = fsdp.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        assert got.keys() == want.keys()
+        for key in ("loss", "pg/ratio", "entropy", "grad_norm", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), key
+    assert fsdp.steps == torch_backend.steps == 4 and fsdp.policy_weights().version == 4
+    after = weights(fsdp)
+    assert_same_weights(after, weights(torch_backend), atol=1e-5)
+    moved = max(float((after[n] - start[n]).abs().max()) for n in start)
+    assert moved > 1e-3, "the steps moved the weights by far more than the tolerance"
+    torch.testing.assert_close(fsdp.logprobs(batch=batch, reference=False),
+                               torch_backend.logprobs(batch=batch, reference=False), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 5, 9, 10], [7]], ids=["uneven-shards", "one-rank-empty"])
+def test_loss_uses_global_counts_across_ranks(fsdp: FSDPBackend, torch_backend: TorchBackend, batch: RolloutBatch,
+                                              rows: list[int]) -> None:
+    """Shards of different sizes, token counts and micro-batch counts (or no sample at all on one rank)
+    give the whole mini-batch's token mean and sequence mean, as one process does."""
+    part = on_policy(batch.select(rows))
+    shards = micro_batches.rank_shards(part, 2)
+    counts = [len(micro_batches.plan(shard, OPTIONS["micro_batch_tokens"])) for shard, real in shards if real]
+    assert len(rows) == 1 or counts[0] != counts[1], f"ranks should run different numbers of passes: {counts}"
+    mask, adv = part.response_mask, part.advantages
+    token_mean = -float((adv * mask).sum() / mask.sum())
+    got = fsdp.update(batch=part, loss=TokenMeanPG(), plan=UpdatePlan())
+    assert got["loss"] == pytest.approx(token_mean, rel=1e-5, abs=1e-6)
+    assert got["loss"] == pytest.approx(torch_backend.update(batch=part, loss=TokenMeanPG(), plan=UpdatePlan())["loss"],
+                                        rel=1e-5, abs=1e-6)
+    sequence_mean = -float(((adv * mask).sum(-1) / mask.sum(-1)).mean())
+    assert fsdp.update(batch=part, loss=SequenceMeanPG(), plan=UpdatePlan())["loss"] == pytest.approx(
+        sequence_mean, rel=1e-5, abs=1e-6)
+    torch_backend.update(batch=part, loss=SequenceMeanPG(), plan=UpdatePlan())
+    assert_same_weights(weights(fsdp), weights(torch_backend), atol=1e-5)
+
+
+def test_non_finite_loss_raises_and_the_group_goes_on(fsdp: FSDPBackend, batch: RolloutBatch) -> None:
+    before = weights(fsdp)
+    bad = on_policy(batch.select(range(len(batch))))
+    bad.advantages = bad.advantages.clone()
+    bad.advantages[-1, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"non-finite loss .* optimizer step 1.*backend\.lr"):
+        fsdp.update(batch=bad, loss=TokenMeanPG(), plan=UpdatePlan())
+    assert_same_weights(weights(fsdp), before, atol=0)
+    assert fsdp.steps == 0
+    fsdp.update(batch=on_policy(batch), loss=TokenMeanPG(), plan=UpdatePlan())
+    assert fsdp.steps == 1
+
+
+def test_save_load_resumes_bit_exactly_and_exports(fsdp: FSDPBackend, batch: RolloutBatch, tmp_path: Path,
+                                                   module_context: RunContext) -> None:
+    batch.old_logprobs = batch.rollout_logprobs
+    fsdp.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+    saved = weights(fsdp)
+    fsdp.save_state(directory=tmp_path)
+    assert (tmp_path / "dcp" / ".metadata").is_file() and (tmp_path / "trainer.pt").is_file()
+    first = fsdp.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+    continued = weights(fsdp)
+    fsdp.load_state(directory=tmp_path)
+    assert fsdp.steps == 2
+    assert_same_weights(weights(fsdp), saved, atol=0)
+    again = fsdp.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+    assert_same_weights(weights(fsdp), continued, atol=0)
+    assert {k: v for k, v in again.items() if not k.startswith("update/")} == \
+        {k: v for k, v in first.items() if not k.startswith("update/")}
+
+    out = fsdp.export_model(checkpoint=tmp_path, out=tmp_path / "export", ctx=module_context)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert_same_weights(dict(exported.state_dict()), saved, atol=0)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == module_context.model.tokenizer.get_vocab()
+
+
+def test_policy_weights_sync_into_the_hf_rollout(fsdp: FSDPBackend, rollout: HFRollout, batch: RolloutBatch) -> None:
+    fsdp.update(batch=on_policy(batch), loss=TokenMeanPG(), plan=UpdatePlan())
+    weights = fsdp.policy_weights()
+    assert weights.module is None and weights.version == 1
+    rollout.sync_weights(weights=weights)
+    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[])
+    torch.testing.assert_close(fsdp.logprobs(batch=fresh, reference=False), fresh.rollout_logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_dead_worker_is_reported_by_rank(fsdp: FSDPBackend, batch: RolloutBatch) -> None:
+    """Last in the module: it ends the group."""
+    os.kill(fsdp.group.processes[1].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"fsdp worker rank 1 \(pid \d+\) was killed by SIGKILL during 'update'"):
+        fsdp.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
+    assert time.monotonic() - start < 30
+    assert not any(p.is_alive() for p in fsdp.group.processes), "the other workers were stopped too"
+    with pytest.raises(TrainingError, match="stopped earlier"):
+        fsdp.logprobs(batch=batch, reference=False)
