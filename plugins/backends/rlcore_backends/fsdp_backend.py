@@ -128,7 +128,7 @@ class FSDPBackend:
         """Load the sharded checkpoint into the base model in this process (no process group needed) and
         save it with the run's tokenizer."""
         model = load_cpu_model(ctx.model.path)
-        dcp.load({"model": model.state_dict()}, checkpoint_id=str(Path(checkpoint) / DCP_DIR))
+        dcp.load({"model": model.state_dict()}, checkpoint_id=str(Path(checkpoint) / DCP_DIR), no_dist=True)
         return write_model_dir(model, ctx.model.tokenizer, Path(out))
 
     @hookimpl
