@@ -33,12 +33,11 @@ def buckets(tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterato
     bucket: list[tuple[str, Tensor]] = []
     size = 0
     for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and size + nbytes([(name, tensor)]) > bucket_bytes:
             yield bucket
             bucket, size = [], 0
         bucket.append((name, tensor))
-        size += nbytes
+        size += nbytes([(name, tensor)])
     if bucket:
         yield bucket
 
@@ -52,10 +51,12 @@ def cast(tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype | None,
 
 
 def bucket_stats(sizes: list[int]) -> dict[str, float]:
+    """The sync metrics for buckets of these byte sizes."""
     return {"sync/buckets": float(len(sizes)), "sync/megabytes": sum(sizes) / 2**20}
 
 
 def nbytes(bucket: list[tuple[str, Tensor]]) -> int:
+    """Bytes of the tensors in `bucket`."""
     return sum(t.numel() * t.element_size() for _, t in bucket)
 
 
@@ -95,7 +96,7 @@ class DiskSync:
             seen.add(ptr)
         save_file(state, str(self.directory / "model.safetensors"))
         engine.update_weights_from_disk(str(self.directory.resolve()))
-        return bucket_stats([sum(t.numel() * t.element_size() for t in state.values())])
+        return bucket_stats([nbytes(list(state.items()))])
 
     def close(self, engine: Any) -> None:
         """Nothing to release (the directory stays in the run directory)."""

@@ -91,7 +91,11 @@ class SpawnedGroup:
             child.close()
             self.processes.append(process)
             self.conns.append(parent)
-        self._collect("setup")
+        try:
+            self._collect("setup")
+        except RLCoreError:
+            self._stop("setup failed")
+            raise
 
     @property
     def world_size(self) -> int:
