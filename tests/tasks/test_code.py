@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from rlcore import Prompt
+from rlcore.cli import main
 from rlcore.config import build_options
 from rlcore.errors import ConfigError, DataError
 from rlcore.plugins import Registry, instantiate, load
@@ -26,7 +28,8 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 HUMANEVAL = DATA / "humaneval" / "HumanEval.jsonl"
 MBPP = DATA / "mbpp" / "mbpp.jsonl"
 SLOW_MBPP = "mbpp/123"
-"""Its reference solution sums divisors naively up to 9999: ~4-8 CPU seconds here, over the default limit."""
+"""Its reference solution sums divisors naively up to 9999 in its second assert: ~4-8 CPU seconds here,
+over the default limit, so with the defaults only its first assert passes (the third comes after)."""
 
 
 def task(**options: object) -> Code:
@@ -234,7 +237,7 @@ def test_a_hanging_or_crashing_test_fails_only_from_there(code_task):
     p = asserts(["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3", "assert f(4) == 4"])
     crash = "```python\ndef f(x):\n    if x == 2:\n        raise SystemExit(0)\n    return x\n```"
     hang = "```python\ndef f(x):\n    while x == 3:\n        pass\n    return x\n```"
-    s = scored(task(timeout_s=1.5, cpu_s=1), [crash, hang], [p, p])
+    s = scored(task(timeout_s=2.5, cpu_s=10), [crash, hang], [p, p])
     assert s.rewards.tolist() == [0.75, 0.5]
     assert [i["timed_out"] for i in s.info] == [0.0, 1.0]
 
@@ -270,7 +273,7 @@ def test_no_code_and_malformed_problems(code_task):
                [good, broken, good, good])
     assert s.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]
     assert [i["reward_error"] for i in s.info] == [0.0, 1.0, 0.0, 0.0]
-    assert [i.get("has_code") for i in s.info] == [0.0, None, 1.0, 0.0]
+    assert [i["has_code"] for i in s.info] == [0.0, 0.0, 1.0, 0.0]  # an errored sample counts as no code
 
 
 def test_equal_programs_in_a_batch_run_once(monkeypatch):
@@ -329,18 +332,17 @@ def test_missing_bwrap_names_both_installs(monkeypatch, tmp_path):
         task(bwrap="/no/bwrap")
 
 
-def test_setup_fails_clearly_when_no_sandbox_can_start(rlcore_context):
-    task().setup(ctx=rlcore_context)
+def test_setup_fails_clearly_when_no_sandbox_can_start():
+    task().setup(ctx=None)  # setup only checks the sandbox; it reads nothing from the context
     broken = task(bwrap="/bin/false")
     with pytest.raises(SandboxError, match="cannot run .* in a sandbox here .*user namespaces"):
-        broken.setup(ctx=rlcore_context)
+        broken.setup(ctx=None)
 
 
-def test_contract(code_task):
-    t = task(train_path=str(HUMANEVAL), test_path=str(MBPP))
+def test_contract():
+    t = task(train_path=str(HUMANEVAL), timeout_s=2)
     check_task(t)
     check_task(t, responses=["```python\nprint('hi')\n```", "while True: pass", "def", "import os"])
-    assert len(t.dataset("test")) == 974
     t.teardown()
 
 
@@ -357,10 +359,28 @@ def test_registered_as_the_code_task():
     registry.hook.teardown()
 
 
+@pytest.mark.slow
+def test_trains_through_the_cli(tmp_path):
+    """`rlcore run --task code` with the tiny model: setup checks the sandbox, every response is run, and
+    the score metrics reach metrics.jsonl."""
+    result = CliRunner().invoke(main, [
+        "run", "--task", "code", "--steps", "2", "--run-dir", str(tmp_path / "run"),
+        "--set", f"task.train_path={MBPP}", "--set", "trainer.prompts_per_step=2", "--set", "sampling.n=2",
+        "--set", "sampling.max_new_tokens=8", "--set", "task.timeout_s=3"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["score/reward_error"] == 0.0 and 0.0 <= step["reward/mean"] <= 1.0
+        assert {"score/all_passed", "score/has_code", "score/timed_out"} <= set(step)
+
+
 # ---- canonical solutions ------------------------------------------------------------------------------
 
-def canonical_scores(path: Path, texts: list[str], ids: slice = slice(None), **options: object):
+def canonical_scores(path: Path, texts: list[str], ids: slice | None = None, **options: object):
+    """The prompts of `path` (those at `ids`) and the scores of `texts` answering them."""
     t = task(train_path=str(path), **options)
+    ids = ids or slice(None)
     prompts = list(t.dataset("train"))[ids]
     try:
         return prompts, scored(t, texts[ids], prompts)
@@ -384,13 +404,13 @@ def test_every_canonical_humaneval_solution_scores_one(humaneval_rows):
 
 @pytest.mark.slow
 def test_every_canonical_mbpp_solution_scores_one(mbpp_rows):
-    """With the default limits all but SLOW_MBPP score 1, and it passes its two quick asserts; with more
-    CPU time it passes all three."""
+    """With the default limits all but SLOW_MBPP score 1, and it passes its first assert; with more CPU
+    time it passes all three."""
     prompts, s = canonical_scores(MBPP, [r["code"] for r in mbpp_rows])
     rewards = dict(zip((p.id for p in prompts), s.rewards.tolist()))
     assert len(rewards) == 974
     assert {k: v for k, v in rewards.items() if v != 1.0 and k != SLOW_MBPP} == {}
-    assert rewards[SLOW_MBPP] >= 2 / 3
+    assert rewards[SLOW_MBPP] >= 1 / 3
     index = [p.id for p in prompts].index(SLOW_MBPP)
     _, s = canonical_scores(MBPP, [r["code"] for r in mbpp_rows], slice(index, index + 1), cpu_s=60, timeout_s=90)
     assert s.rewards.tolist() == [1.0]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -150,19 +150,17 @@ def sandbox_still_works(task: Code) -> Iterator[None]:
 def test_infinite_loop(task):
     with hostile():
         start = time.monotonic()
-        reward, info = score(task, "def f():\n    return 1\nwhile True:\n    pass", ["assert f() == 1"])
+        reward, _ = score(task, "def f():\n    return 1\nwhile True:\n    pass", ["assert f() == 1"])
         assert time.monotonic() - start < LIMITS["timeout_s"] + SLACK_S
     assert reward == 0.0
-    result = task.sandbox.run("while True:\n    pass")
-    assert result.timed_out or result.exit_code == 128 + signal.SIGXCPU
 
 
 def test_sleeping_past_the_timeout(task):
     with hostile():
+        start = time.monotonic()
         reward, info = score(task, "import time\ndef f():\n    time.sleep(100)\n    return 1", ["assert f() == 1"])
+        assert LIMITS["timeout_s"] <= time.monotonic() - start < LIMITS["timeout_s"] + SLACK_S
     assert reward == 0.0 and info["timed_out"] == 1.0
-    result = task.sandbox.run("import time\ntime.sleep(100)")
-    assert result.timed_out and LIMITS["timeout_s"] <= result.seconds < LIMITS["timeout_s"] + SLACK_S
 
 
 def test_fork_bomb(task):
@@ -174,10 +172,13 @@ def test_fork_bomb(task):
 
 
 def test_fork_bomb_in_a_shell(task):
+    """The classic shell bomb runs into the process limit ("Cannot fork") and dies out; the program waits."""
+    bomb = "import os, time\nos.system('b() { b | b & }; b')\ntime.sleep(100)\ndef f():\n    return 1"
     with hostile() as watch:
-        reward, _ = score(task, "import os\nos.system('b() { b | b & }; b')\ndef f():\n    return 1",
-                          ["assert f() == 1"])
-    assert reward == 0.0 and watch.max_processes <= LIMITS["max_processes"]
+        reward, info = score(task, bomb, ["assert f() == 1"])
+        result = task.sandbox.run("import os, time\nos.system('b() { b | b & }; b')\ntime.sleep(1)")
+    assert reward == 0.0 and info["timed_out"] == 1.0
+    assert "Cannot fork" in result.stderr and watch.max_processes <= LIMITS["max_processes"]
 
 
 def test_memory_bomb(task):
@@ -198,8 +199,8 @@ def test_memory_bomb_over_many_processes_stays_within_their_product():
             "    time.sleep(1)")
     with hostile() as watch:
         result = sandbox.run(bomb)
-    assert result.exit_code == 0 and watch.max_processes == 4
-    assert 4 * 30 * 1024 < watch.max_total_rss_kb <= 4 * 64 * 1024
+    seen = (result.exit_code, watch.max_processes, watch.max_total_rss_kb)
+    assert seen[:2] == (0, 4) and 4 * 30 * 1024 < seen[2] <= 4 * 64 * 1024, (seen, result.stderr[-500:])
 
 
 def test_filling_tmp_and_huge_files(task):
@@ -236,14 +237,22 @@ def test_network_access(task):
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.5)
     port = server.getsockname()[1]
-    code = (f"import socket, urllib.request\ndef f():\n    with socket.create_connection(('127.0.0.1', {port}), timeout=2) as s:\n"
-            "        return s.recv(100)\n")
+    code = f"import socket\ndef f():\n    return socket.create_connection(('127.0.0.1', {port}), timeout=2).recv(100)"
+    probe = textwrap.dedent(f"""\
+        import socket
+        print(socket.if_nameindex())
+        try:
+            socket.create_connection(('127.0.0.1', {port}), timeout=2)
+        except OSError as e:
+            print('refused', e.errno)
+        try:
+            socket.getaddrinfo('pypi.org', 443)
+        except OSError:
+            print('no dns')
+    """)
     with hostile():
         reward, _ = score(task, code, ["assert f() == b'secret'"])
-        result = task.sandbox.run(
-            f"import socket\nprint(socket.if_nameindex())\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-            "except OSError as e:\n    print('refused', e.errno)\ntry:\n    socket.getaddrinfo('pypi.org', 443)\n"
-            "except OSError as e:\n    print('no dns')")
+        result = task.sandbox.run(probe)
     with pytest.raises(TimeoutError):
         server.accept()
     server.close()
@@ -258,14 +267,23 @@ def test_secrets_environment_and_home_are_invisible(task, tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("RLCORE_TEST_SECRET", "SECRET-ENV-VALUE")
     assert os.path.expanduser("~/.ssh/id_rsa") == str(home / ".ssh" / "id_rsa")
-    spy = (
-        "import glob, os\ndef f():\n    found = [repr(dict(os.environ))]\n"
-        f"    paths = [os.path.expanduser('~/.ssh/id_rsa'), {str(home / '.ssh' / 'id_rsa')!r}, '/proc/1/environ',\n"
-        f"             '/proc/{os.getpid()}/environ', '/proc/{os.getppid()}/environ', '/root/.bash_history']\n"
-        "    paths += glob.glob('/work/**', recursive=True)[:50] + glob.glob('/home/*/.ssh/*') + glob.glob('/proc/*/environ')\n"
-        "    for path in paths:\n        try:\n            with open(path, errors='replace') as fh:\n"
-        "                found.append(fh.read())\n        except OSError as e:\n            found.append(f'{path}: {e}')\n"
-        "    return '\\n'.join(found)\nprint(f())")
+    spy = textwrap.dedent(f"""\
+        import glob, os
+        def f():
+            found = [repr(dict(os.environ))]
+            paths = [os.path.expanduser('~/.ssh/id_rsa'), {str(home / '.ssh' / 'id_rsa')!r}, '/root/.bash_history',
+                     '/proc/1/environ', '/proc/{os.getpid()}/environ', '/proc/{os.getppid()}/environ']
+            paths += glob.glob('/work/**', recursive=True)[:50] + glob.glob('/home/*/.ssh/*')
+            paths += glob.glob('/proc/*/environ')
+            for path in paths:
+                try:
+                    with open(path, errors='replace') as fh:
+                        found.append(fh.read())
+                except OSError as e:
+                    found.append(f'{{path}}: {{e}}')
+            return '\\n'.join(found)
+        print(f())
+    """)
     with hostile():
         reward, _ = score(task, spy, ["assert 'SECRET-' in f()"])
         result = task.sandbox.run(spy)
@@ -323,6 +341,7 @@ def test_signalling_its_parent_and_everyone(task):
     assert beside["result"].exit_code == 0 and beside["result"].stdout == "alive\n"
 
 
+@pytest.mark.slow  # the stand-in trainer imports rlcore (and torch) first
 @pytest.mark.skipif(not AS_ROOT, reason="finds orphaned sandbox processes by their uid, which needs root mode")
 def test_killing_the_trainer_kills_its_sandboxes(task):
     trainer = subprocess.Popen([sys.executable, "-c", (

@@ -20,10 +20,10 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
-from rlcore_tasks.codecheck import Plan, extract_code, plan
+from rlcore_tasks.codecheck import Plan, extract_code, make_plan
 from rlcore_tasks.codefiles import FORMATS, to_prompt
 from rlcore_tasks.datafiles import BAD_ROWS, load_split, to_prompts
-from rlcore_tasks.sandbox import BwrapSandbox, Limits, RunResult, SandboxError
+from rlcore_tasks.sandbox import BwrapSandbox, Limits, RunResult
 from rlcore_tasks.sandbox_fusion import SandboxFusion
 
 if TYPE_CHECKING:
@@ -114,27 +114,27 @@ class Code:
     def plan(self, text: str, prompt: Prompt) -> Plan | Exception:
         """The runs testing one response; a malformed problem's error is kept for `reward` to raise."""
         try:
-            return plan(prompt.answer, extract_code(text), self.key)
+            return make_plan(prompt.answer, extract_code(text), self.key)
         except Exception as e:  # noqa: BLE001 - re-raised in `reward`, where score_each counts it
             return e
 
-    def run_all(self, runs: set[Run]) -> dict[Run, RunResult | SandboxError]:
-        """Every (program, stdin) run through the pool; a run the sandbox failed maps to its error."""
+    def run_all(self, runs: set[Run]) -> dict[Run, RunResult | Exception]:
+        """Every (program, stdin) run through the pool; a run that could not be done maps to its error."""
         futures = {run: self.pool.submit(self.sandbox.run, *run) for run in runs}
-        results: dict[Run, RunResult | SandboxError] = {}
+        results: dict[Run, RunResult | Exception] = {}
         for run, future in futures.items():
             try:
                 results[run] = future.result()
-            except SandboxError as e:
+            except Exception as e:  # noqa: BLE001 - re-raised in `reward`, where score_each counts it
                 results[run] = e
         return results
 
-    def reward(self, planned: Plan | Exception, results: dict[Run, RunResult | SandboxError]) -> dict[str, Any]:
-        """One response's reward from its runs' results (raises what planning or the sandbox raised)."""
+    def reward(self, planned: Plan | Exception, results: dict[Run, RunResult | Exception]) -> dict[str, Any]:
+        """One response's reward from its runs' results (raises what planning or a run raised)."""
         if isinstance(planned, Exception):
             raise planned
         runs = [results[run] for run in planned.runs]
-        failed = next((r for r in runs if isinstance(r, SandboxError)), None)
+        failed = next((r for r in runs if isinstance(r, Exception)), None)
         if failed is not None:
             raise failed
         passed = planned.passed(runs)  # type: ignore[arg-type]  # no errors left

