@@ -70,6 +70,10 @@ def megatron_on_cpu() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
+TRAINING = {"lr": 1e-3, "max_grad_norm": 0.1}
+"""Options shared by a Megatron backend and its torch twin: big steps, clipped gradients."""
+
+
 class PGWithEntropy(PolicyLoss):
     """Token-mean policy gradient with an entropy bonus: depends on every token's logprob and entropy."""
 
@@ -104,8 +108,10 @@ def twin(ctx: RunContext, **options: Any) -> TorchBackend:
 
 
 def training_batch(seed: int = 0) -> RolloutBatch:
-    """Responses of varied length and left-padded prompts, with advantages and old logprobs."""
+    """Responses of varied length and left-padded prompts, with advantages and old logprobs; two responses
+    start with the padding token (id 0), which transformers' embedding never trains."""
     batch = make_batch(groups=3, n=3, prompt_len=6, response_len=7, vocab=17, seed=seed, with_advantages=True)
+    batch.response_ids[:2, 0] = 0
     batch.old_logprobs = batch.rollout_logprobs
     return batch
 
@@ -131,8 +137,10 @@ def full_logits(worker: Any, batch: RolloutBatch) -> Tensor | None:
         shard = worker.model(inputs.tokens, inputs.position_ids, inputs.attention_mask)
         parts = [torch.empty_like(shard) for _ in range(worker.opts.tp)]
         torch.distributed.all_gather(parts, shard.contiguous(), group=worker.tp_group)
+    if not worker.reports:
+        return None
     logits = torch.cat(parts, -1)[..., :worker.layout.vocab]
-    return logits.gather(1, inputs.logit_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])) if worker.reports else None
+    return logits.gather(1, inputs.logit_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
 def sharded_logprobs(worker: Any, logits: Tensor, tokens: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,8 +167,9 @@ def qwen_ctx(tmp_path_factory: pytest.TempPathFactory) -> RunContext:
 
 
 @pytest.fixture(scope="module")
-def tp2_started(qwen_ctx: RunContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MegatronBackend, Path]]:
-    backend = start(qwen_ctx, tp=2, lr=1e-3, micro_batch_tokens=40)
+def tp2_started(qwen_ctx: RunContext,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MegatronBackend, Path]]:
+    backend = start(qwen_ctx, tp=2, micro_batch_tokens=40, **TRAINING)
     initial = tmp_path_factory.mktemp("initial")
     backend.save_state(directory=initial)
     yield backend, initial
@@ -198,14 +207,14 @@ def test_vocab_parallel_logprobs_and_entropy_equal_the_full_vocabulary(tp2: Mega
     tokens = torch.randint(0, 17, (3, 5), generator=g)
     weights = torch.randn(2, 3, 5, generator=g)
     answers = tp2.pool.run(sharded_logprobs, logits, tokens, weights)
-    full = logits.clone().requires_grad_(True)
+    full = logits.double().requires_grad_(True)  # the full-vocabulary reference, in float64
     lp, entropy = token_logprobs(full, tokens), token_entropy(full)
     (lp * weights[0] + entropy * weights[1]).sum().backward()
     for got_lp, got_entropy, _ in answers:
-        torch.testing.assert_close(got_lp, lp.detach(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(got_entropy, entropy.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_lp.double(), lp.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_entropy.double(), entropy.detach(), atol=1e-6, rtol=0)
     grads = torch.cat([grad for _, _, grad in answers], -1)
-    torch.testing.assert_close(grads, full.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads.double(), full.grad, atol=1e-6, rtol=0)
 
 
 def test_policy_weights_are_the_hugging_face_weights(tp2: MegatronBackend, qwen_ctx: RunContext) -> None:
@@ -218,13 +227,13 @@ def test_policy_weights_are_the_hugging_face_weights(tp2: MegatronBackend, qwen_
 def test_a_training_step_equals_the_torch_backend(tp2: MegatronBackend, qwen_ctx: RunContext) -> None:
     """Same loss, entropy, gradient norm and (clipped) gradients; the same logprobs after the step."""
     batch = training_batch()
-    torch_backend = twin(qwen_ctx, lr=1e-3)
+    torch_backend = twin(qwen_ctx, **TRAINING)
     expected_grads = clipped_grads(torch_backend)
     expected = torch_backend.update(batch=batch, loss=PGWithEntropy(), plan=UpdatePlan())
     got = tp2.update(batch=batch, loss=PGWithEntropy(), plan=UpdatePlan())
     for key in ("loss", "entropy", "grad_norm", "pg/ratio", "lr"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    assert expected["grad_norm"] > 1.0, "clipping is exercised"
+    assert expected["grad_norm"] > TRAINING["max_grad_norm"], "clipping is exercised"
     grads = hf_from_shards(tp2.layout, dict(tp2.pool.run(main_grads)))
     for name, grad in expected_grads[0].items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5)
@@ -234,7 +243,7 @@ def test_a_training_step_equals_the_torch_backend(tp2: MegatronBackend, qwen_ctx
 
 def test_epochs_and_mini_batches_equal_the_torch_backend(tp2: MegatronBackend, qwen_ctx: RunContext) -> None:
     batch, plan = training_batch(seed=1), UpdatePlan(epochs=2, mini_batches=2)
-    torch_backend = twin(qwen_ctx, lr=1e-3)
+    torch_backend = twin(qwen_ctx, **TRAINING)
     expected = torch_backend.update(batch=batch, loss=PGWithEntropy(), plan=plan)
     got = tp2.update(batch=batch, loss=PGWithEntropy(), plan=plan)
     for key in ("loss", "entropy", "grad_norm"):
@@ -290,12 +299,12 @@ def llama_ctx(tmp_path_factory: pytest.TempPathFactory) -> RunContext:
 def test_pipeline_parallel_with_tied_embeddings_and_recompute(llama_ctx: RunContext, tmp_path: Path) -> None:
     """pp=2 (1F1B over several micro-batches, the tied embedding on both stages) passes the backend contract,
     then matches the torch backend on logprobs and on a training step; a killed worker is named."""
-    backend = MegatronBackend(MegatronBackend.Options(pp=2, lr=1e-3, micro_batch_tokens=40, recompute=True))
+    backend = MegatronBackend(MegatronBackend.Options(pp=2, micro_batch_tokens=40, recompute=True, **TRAINING))
     backend.worker_init = megatron_on_cpu
     try:
         batch = training_batch()
         check_backend(backend, llama_ctx, batch, PGWithEntropy(), tmp_path)
-        torch_backend = twin(llama_ctx, lr=1e-3)
+        torch_backend = twin(llama_ctx, **TRAINING)
         torch.testing.assert_close(backend.logprobs(batch=batch, reference=False),
                                    torch_backend.logprobs(batch=batch, reference=False), atol=1e-5, rtol=0)
         expected = torch_backend.update(batch=batch, loss=PGWithEntropy(), plan=UpdatePlan())
@@ -320,3 +329,5 @@ def test_options_are_checked_before_any_worker_starts(qwen_ctx: RunContext) -> N
         MegatronBackend(MegatronBackend.Options(tp=2, sequence_parallel=True)).setup(ctx=qwen_ctx)
     with pytest.raises(ConfigError, match="backend.tp=3 must divide"):
         MegatronBackend(MegatronBackend.Options(tp=3)).setup(ctx=qwen_ctx)
+    with pytest.raises(ConfigError, match=r"backend megatron needs GPUs \(--hardware cuda\)"):
+        MegatronBackend(MegatronBackend.Options(tp=2)).setup(ctx=qwen_ctx)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
 from rlcore.errors import ConfigError
 from rlcore.models import build_tiny_tokenizer
@@ -106,8 +106,8 @@ def test_checkpoint_files_and_hook_round_trip(hf_dir: Path, tmp_path: Path) -> N
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert sorted(loaded) == sorted(original)
     assert all(torch.equal(loaded[k], original[k]) for k in original)
-    from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(out)("1+2=")["input_ids"] == AutoTokenizer.from_pretrained(hf_dir)("1+2=")["input_ids"]
+    tokens = [AutoTokenizer.from_pretrained(d)("1+2=").input_ids for d in (out, hf_dir)]
+    assert tokens[0] == tokens[1]
     with pytest.raises(ConfigError, match="use 'native' or 'hf'"):
         backend.convert_checkpoint(source=native, out=tmp_path / "x", to="gguf")
     with pytest.raises(ConfigError, match="not a Megatron checkpoint"):
@@ -134,7 +134,8 @@ def test_rope_settings() -> None:
     assert rope_settings(Qwen2Config(**COMMON, rope_theta=1e6)) == (1e6, None)
     llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192, "rope_theta": 5e5}
-    assert rope_settings(LlamaConfig(**{**COMMON, "max_position_embeddings": 131072}, rope_parameters=llama3)) == (5e5, 32.0)
+    long_context = {**COMMON, "max_position_embeddings": 131072}
+    assert rope_settings(LlamaConfig(**long_context, rope_parameters=llama3)) == (5e5, 32.0)
     with pytest.raises(ConfigError, match="rope scaling"):
         rope_settings(Qwen2Config(**COMMON, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
 

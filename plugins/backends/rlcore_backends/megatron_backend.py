@@ -59,7 +59,8 @@ class MegatronBackend:
         """At most this many samples per micro-batch (0: only the token budget limits it)."""
         dtype: Literal["float32", "bfloat16"] = attrs.field(
             default="float32", validator=check_choice("float32", "bfloat16"))
-        """Compute dtype: bfloat16 runs forward passes under autocast (weights and optimizer stay float32)."""
+        """Compute dtype: bfloat16 runs forward passes under CUDA autocast (weights and optimizer stay float32;
+        on a CPU Megatron's autocast does nothing)."""
         sequence_parallel: bool = False
         """Megatron sequence parallelism (norms and dropout split along the sequence over the tp group);
         needs tp > 1 and transformer_engine."""
@@ -91,13 +92,16 @@ class MegatronBackend:
         if opts.sequence_parallel and (opts.tp < 2 or not opts.transformer_engine):
             raise ConfigError("backend.sequence_parallel needs backend.tp > 1 and backend.transformer_engine=true "
                               "(Megatron's local norm layers do not split the sequence)")
+        model_dir = ckpt.model_dir(ctx.model.path)
+        self.layout = Layout.from_hf_config(ckpt.hf_config(model_dir), opts.tp, opts.pp)
         world = opts.tp * opts.pp
+        if ctx.hardware.device().type == "cpu" and self.worker_init is None:
+            raise ConfigError("backend megatron needs GPUs (--hardware cuda): Megatron-core's layers, schedules and "
+                              "random-number tracker are CUDA-only; on a CPU use --backend torch or fsdp")
         if ctx.hardware.device().type != "cpu" and ctx.hardware.device_count() < world:
             raise ConfigError(f"backend megatron: tp x pp = {world} needs {world} devices, "
                               f"hardware {ctx.hardware.name} has {ctx.hardware.device_count()}")
         devices = tuple(str(ctx.hardware.device(local_rank=rank)) for rank in range(world))
-        model_dir = ckpt.model_dir(ctx.model.path)
-        self.layout = Layout.from_hf_config(ckpt.hf_config(model_dir), opts.tp, opts.pp)
         self.model_dir, self.tokenizer = model_dir, ctx.model.tokenizer
         worker_spec = WorkerSpec(model_dir=str(model_dir), options=opts, devices=devices,
                                  collective=ctx.hardware.collective_backend(), address=free_address(), seed=ctx.seed)

@@ -6,14 +6,15 @@ slice, under GPTModel's own parameter names (local layer spec, layers numbered f
 | Hugging Face | Megatron (per rank) | split |
 |---|---|---|
 | `model.embed_tokens.weight` | `embedding.word_embeddings.weight` | vocab rows, padded to a multiple of tp |
-| `...self_attn.{q,k,v}_proj.{weight,bias}` | `...self_attention.linear_qkv.{weight,bias}` | per KV group [q heads; k; v], groups split |
+| `...self_attn.{q,k,v}_proj.*` | `...self_attention.linear_qkv.*` | per KV group [q heads; k; v]; groups split |
 | `...self_attn.o_proj.weight` | `...self_attention.linear_proj.weight` | input columns |
 | `...self_attn.{q,k}_norm.weight` (Qwen3) | `...self_attention.{q,k}_layernorm.weight` | replicated |
 | `...mlp.{gate,up}_proj.weight` | `...mlp.linear_fc1.weight` | [gate slice; up slice] per rank |
 | `...mlp.down_proj.weight` | `...mlp.linear_fc2.weight` | input columns |
-| `...input_layernorm.weight`, `...post_attention_layernorm.weight` | `...input_layernorm.weight`, `...pre_mlp_layernorm.weight` | replicated |
+| `...input_layernorm.weight` | `...input_layernorm.weight` | replicated |
+| `...post_attention_layernorm.weight` | `...pre_mlp_layernorm.weight` | replicated |
 | `model.norm.weight` | `decoder.final_layernorm.weight` | replicated, last stage |
-| `lm_head.weight` | `output_layer.weight` | vocab rows; with tied embeddings the last stage of a pipeline keeps a copy of the embedding |
+| `lm_head.weight` | `output_layer.weight` | vocab rows; tied: the last stage of a pipeline keeps a copy |
 
 Converting HF -> Megatron -> HF returns bit-identical tensors (slicing and concatenation only).
 """
@@ -183,10 +184,10 @@ def hf_from_shards(layout: Layout, shards: Mapping[tuple[int, int], Mapping[str,
             one = shards[0, p]
             out[h + "input_layernorm.weight"] = one[m + "input_layernorm.weight"]
             qkv = _unpack_qkv(layout, [shards[t, p][m + "self_attention.linear_qkv.weight"] for t in range(tp)])
-            out.update({f"{attn}{x}_proj.weight": w for x, w in zip("qkv", qkv)})
+            out.update({f"{attn}{x}_proj.weight": w for x, w in zip("qkv", qkv, strict=True)})
             if layout.qkv_bias:
                 qkv = _unpack_qkv(layout, [shards[t, p][m + "self_attention.linear_qkv.bias"] for t in range(tp)])
-                out.update({f"{attn}{x}_proj.bias": b for x, b in zip("qkv", qkv)})
+                out.update({f"{attn}{x}_proj.bias": b for x, b in zip("qkv", qkv, strict=True)})
             if layout.qk_norm:
                 out[attn + "q_norm.weight"] = one[m + "self_attention.q_layernorm.weight"]
                 out[attn + "k_norm.weight"] = one[m + "self_attention.k_layernorm.weight"]

@@ -2,13 +2,12 @@
 
 Must run after `torch.distributed` and `parallel_state.initialize_model_parallel` (the model is built for
 this rank's tensor slice and pipeline stage). Parameters are float32 master weights; bfloat16 compute
-runs under autocast.
+runs under Megatron's CUDA autocast.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,8 +48,9 @@ def rope_settings(hf_config: Any) -> tuple[float, float | None]:
 
 
 def transformer_config(hf_config: Any, layout: Layout, *, sequence_parallel: bool, recompute: bool,
-                       on_cpu: bool) -> Any:
-    """Megatron's TransformerConfig for the transformers model at the layout's tp x pp."""
+                       bf16_autocast: bool, on_cpu: bool) -> Any:
+    """Megatron's TransformerConfig for the transformers model at the layout's tp x pp. With `bf16_autocast`
+    Megatron's schedules run forward passes under CUDA bfloat16 autocast (float32 master weights)."""
     from megatron.core.transformer import TransformerConfig
 
     if getattr(hf_config, "use_sliding_window", False):
@@ -64,6 +64,7 @@ def transformer_config(hf_config: Any, layout: Layout, *, sequence_parallel: boo
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         sequence_parallel=sequence_parallel, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        enable_autocast=bf16_autocast, autocast_dtype=torch.bfloat16,
         use_cpu_initialization=on_cpu, calculate_per_token_loss=True,
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",  # (no MoE: the check wants alltoall)
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
@@ -87,6 +88,22 @@ def build_gpt(hf_config: Any, layout: Layout, config: Any, transformer_engine: b
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True, share_embeddings_and_output_weights=layout.tied, position_embedding_type="rope",
         rotary_base=theta, rope_scaling=scaling is not None, rope_scaling_factor=scaling or 8.0)
+
+
+def freeze_padding_embedding(model: Any, pad_id: int | None) -> None:
+    """Give the padding token's embedding no gradient from lookups, as transformers' `nn.Embedding(padding_idx)`
+    does (it matters when the policy samples the padding token). Only on the first pipeline stage."""
+    embedding = getattr(getattr(model, "embedding", None), "word_embeddings", None)
+    if pad_id is None or embedding is None:
+        return
+
+    def detach_padding(module: Any, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        keep = args[0] != pad_id  # [b, s]
+        if module.reduce_scatter_embeddings:  # sequence parallel: this rank's [s / tp, b] slice
+            keep = keep.t().chunk(module.tp_group.size())[module.tp_group.rank()]
+        return torch.where(keep.unsqueeze(-1), output, output.detach())
+
+    embedding.register_forward_hook(detach_padding)
 
 
 def _renamed(name: str, table: Mapping[str, str]) -> str:
@@ -118,13 +135,3 @@ def shard_of(model: torch.nn.Module, transformer_engine: bool) -> dict[str, Tens
     """The model's parameters under canonical (local-spec) names, as CPU tensors."""
     table = {fused: local for local, fused in TE_NAMES.items()} if transformer_engine else {}
     return {_renamed(name, table): p.detach().cpu().clone() for name, p in model.named_parameters()}
-
-
-def fits_vocab(layout: Layout, tp_rank: int) -> tuple[int, int]:
-    """(first vocab id, real columns) of this tp rank's logits: padding columns are cut off."""
-    start = tp_rank * layout.vocab_shard
-    return start, max(0, min(layout.vocab_shard, layout.vocab - start))
-
-
-def padded_length(length: int, multiple: int) -> int:
-    return math.ceil(length / multiple) * multiple

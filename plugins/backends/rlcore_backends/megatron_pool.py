@@ -82,7 +82,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """Ask every worker to stop, then end those that do not within a few seconds."""
-        for q, p in zip(self.commands, self.processes):
+        for q, p in zip(self.commands, self.processes, strict=True):
             if p.is_alive():
                 q.put(None)
         for p in self.processes:

@@ -10,7 +10,6 @@ the global gradient norm over the model-parallel group.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections import defaultdict
@@ -31,7 +30,8 @@ from rlcore_backends.megatron_checkpoint import SafetensorsReader, hf_config, ra
 from rlcore_backends.megatron_convert import Layout, shard_from_hf
 from rlcore_backends.megatron_inputs import MicroInputs, pack
 from rlcore_backends.megatron_loss import vocab_parallel_logprobs
-from rlcore_backends.megatron_model import build_gpt, load_shard, shard_of, transformer_config
+from rlcore_backends.megatron_model import (build_gpt, freeze_padding_embedding, load_shard, shard_of,
+                                            transformer_config)
 from rlcore_backends.torch_backend import warmup_factor
 
 
@@ -81,6 +81,7 @@ class Worker:
         self.vocab_start = self.tp_rank * self.layout.vocab_shard
         self.vocab_real = max(0, min(self.layout.vocab_shard, self.layout.vocab - self.vocab_start))
         self.model = self._build()
+        freeze_padding_embedding(self.model, getattr(self.hf_config, "pad_token_id", None))
         self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(), self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.opts.lr, betas=tuple(self.opts.betas),
                                            eps=self.opts.eps, weight_decay=self.opts.weight_decay)
@@ -101,7 +102,7 @@ class Worker:
         if not self.reports:
             return None
         out = torch.zeros(batch.response_ids.shape)
-        for mb, output in zip(plan, outputs):
+        for mb, output in zip(plan, outputs, strict=True):
             out[mb.start:mb.stop, :mb.response_width] = output["logprobs"].float().cpu()
         return out.masked_fill(batch.attention_mask.cpu() == 0, 0.0)
 
@@ -153,7 +154,8 @@ class Worker:
         """This rank's GPTModel with the Hugging Face weights loaded."""
         opts = self.opts
         config = transformer_config(self.hf_config, self.layout, sequence_parallel=opts.sequence_parallel,
-                                    recompute=opts.recompute, on_cpu=self.device.type == "cpu")
+                                    recompute=opts.recompute, bf16_autocast=opts.dtype == "bfloat16",
+                                    on_cpu=self.device.type == "cpu")
         model = build_gpt(self.hf_config, self.layout, config, opts.transformer_engine)
         read = SafetensorsReader(Path(self.spec.model_dir))
         load_shard(model, shard_from_hf(self.layout, read, self.tp_rank, self.pp_rank), opts.transformer_engine)
@@ -182,9 +184,7 @@ class Worker:
 
         def step(data: Iterator[MicroInputs], module: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
             inputs = next(data)
-            with self._autocast():
-                output = module(inputs.tokens, inputs.position_ids, inputs.attention_mask)
-            return output, partial(loss_of, inputs)
+            return module(inputs.tokens, inputs.position_ids, inputs.attention_mask), partial(loss_of, inputs)
 
         return get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(parts), model=[model], num_microbatches=len(parts),
@@ -268,6 +268,3 @@ class Worker:
         if self.opts.pp > 1:
             dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
         return float(t)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.dtype == "bfloat16")
