@@ -8,7 +8,6 @@ workers that `ray_layout` sizes from the options; `teardown` kills the workers a
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import attrs
@@ -22,8 +21,6 @@ from rlcore_backends.ray_layout import fit_problem, worker_specs
 from rlcore_backends.ray_proxy import PluginProxy, proxy_class
 from rlcore_backends.ray_session import RaySession, start
 from rlcore_backends.ray_workers import Worker, Workers
-
-log = logging.getLogger("rlcore.ray")
 
 REMOTE_KINDS = ("backend", "rollout")
 
@@ -89,13 +86,14 @@ class RayPlacement:
         o = self.options
         if o.nodes > 1 and not o.address:
             raise ConfigError(f"placement.nodes={o.nodes} needs a Ray cluster: set placement.address (e.g. auto) "
-                         "or use nodes=1")
+                              "or use nodes=1")
         resource = ctx.hardware.resource_name()
         self.session = start(ctx.run_dir, o.address, resource, o.nodes * o.devices_per_node)
         self.workers.logs = self.session.logs
         specs = worker_specs(o.mode, set(self.proxies), o.rollout_parallel, o.rollout_devices, o.train_parallel)
-        self.workers.start(specs, self.hardware, resource, ctx.hardware.visible_devices_env(), o.cpus_per_worker,
-                           ctx.seed, o.start_timeout)
+        names = {kind: proxy.name for kind, proxy in self.proxies.items()}
+        self.workers.start(specs, names, self.hardware, resource, ctx.hardware.visible_devices_env(),
+                           o.cpus_per_worker, ctx.seed, o.start_timeout)
 
     def hosts(self, kind: str) -> list[Worker]:
         """The workers hosting the plugin of `kind`."""

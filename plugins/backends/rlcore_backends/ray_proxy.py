@@ -129,16 +129,12 @@ class PluginProxy:
     def setup(self, ctx: RunContext) -> None:
         """Instantiate the plugin in each of its workers, then call its `setup` there with the context
         (absolute paths, since workers do not share the driver's working directory)."""
-        import ray
-
         self.mine = self.hosts(self.kind)
         self.pad_id = getattr(ctx.model.tokenizer, "pad_token_id", None) or 0
         model = attrs.evolve(ctx.model, path=_absolute(ctx.model.path))
         remote_ctx = attrs.evolve(ctx, run_dir=Path(ctx.run_dir).resolve(), model=model, hardware=None)
         self._on_all("add", self.kind, self.name, self.cls, self.options)
-        for worker in self.mine:
-            worker.plugins[self.kind] = self.name
-        self._on_all("setup", self.kind, ray.put(remote_ctx))
+        self._on_all("setup", self.kind, self.workers.share(remote_ctx))
 
     def teardown(self) -> None:
         """Call the plugin's `teardown` in every worker still alive; the placement then kills the workers."""
@@ -184,17 +180,16 @@ class PluginProxy:
         """A replica sharing the backend's worker syncs in process; the others load one export of the
         weights from Ray's object store. Returns `sync/seconds` (all replicas) and `sync/megabytes` sent."""
         start = time.perf_counter()
-        source, payload, calls = weights.source, None, []
-        for worker in self.mine:
-            if worker is source:
-                calls.append((worker, worker.actor.sync_local.remote()))
-            else:
-                if payload is None:
-                    payload = source.actor.export_weights.remote()
-                calls.append((worker, worker.actor.load_weights.remote(payload)))
-        results = self.workers.gather(calls, "sync_weights")
-        sent = max((r.get("sync/megabytes", 0.0) for r in results), default=0.0)
-        return {"sync/seconds": time.perf_counter() - start, "sync/megabytes": sent}
+        source = weights.source
+        calls = [(source, source.actor.sync_local.remote())] if source in self.mine else []
+        others = [w for w in self.mine if w is not source]
+        megabytes = 0.0
+        if others:
+            (ref,), megabytes = self.workers.gather([(source, source.actor.export_weights.remote())],
+                                                    "sync_weights (export)")[0]
+            calls += [(w, w.actor.load_weights.remote(ref)) for w in others]
+        self.workers.gather(calls, "sync_weights")
+        return {"sync/seconds": time.perf_counter() - start, "sync/megabytes": megabytes}
 
     def save_state(self, directory: Path) -> None:
         """The plugin's own state from its first worker, and every worker's random generators."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import attrs
 
+from rlcore.errors import ConfigError, PluginError
+
 log = logging.getLogger("rlcore.ray")
 
 SOCKET_SUFFIX = "/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
@@ -51,27 +53,38 @@ class RaySession:
             self.link = None
 
 
+def short_link(temp_dir: Path) -> Path | None:
+    """A short symlink to `temp_dir` when Ray's socket paths under it would be too long, else None."""
+    if len(str(temp_dir)) + len(SOCKET_SUFFIX) <= SOCKET_LIMIT:
+        return None
+    link = Path(tempfile.mkdtemp(prefix="rlray-", dir="/tmp")) / "r"
+    link.symlink_to(temp_dir, target_is_directory=True)
+    return link
+
+
 def start(run_dir: Path, address: str, resource: str, devices: int) -> RaySession:
     """`ray.init` for this run: join `address`, or start a local instance with `devices` of `resource`
     (only CPU counts are set; GPUs and NPUs are detected) whose temp dir is `<run_dir>/ray`. A Ray
     already initialised in this process (a user's script) is used as is and left running."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise PluginError("placement 'ray' needs Ray: pip install 'rlcore-backends[ray]'") from None
     if ray.is_initialized():
         return RaySession(temp_dir=None, owned=False)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"placement.address={address!r}: no Ray cluster answers there ({e}); start one with "
+                              "`ray start --head`, or leave placement.address empty for a local instance") from None
         return RaySession(temp_dir=None)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     temp_dir = (run_dir / "ray").resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
-    session = RaySession(temp_dir=temp_dir)
-    given = temp_dir
-    if len(str(temp_dir)) + len(SOCKET_SUFFIX) > SOCKET_LIMIT:
-        session.link = Path(tempfile.mkdtemp(prefix="rlray-", dir="/tmp")) / "r"
-        session.link.symlink_to(temp_dir, target_is_directory=True)
-        given = session.link
+    session = RaySession(temp_dir=temp_dir, link=short_link(temp_dir))
+    given = session.link or temp_dir
     log.info("starting a local Ray instance; its files go to %s%s", temp_dir,
              f" (through the short link {given}: Ray's socket paths must stay under {SOCKET_LIMIT} bytes)"
              if session.link else "")
