@@ -20,6 +20,12 @@ from rlcore.errors import RLCoreError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class _Failure(click.ClickException):
+    """An RLCoreError shown as `Error: <message>` with exit status 2, without a traceback."""
+
+    exit_code = 2
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print RLCoreError messages as a one-line CLI error (exit 2) instead of a traceback."""
     @functools.wraps(fn)
@@ -27,7 +33,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except RLCoreError as e:
-            raise click.UsageError(str(e)) from None
+            raise _Failure(str(e)) from None
     return wrapper
 
 
