@@ -1,8 +1,8 @@
 """The fsdp backend with 2 CPU processes (gloo) against the single-process torch backend on the same batches.
 
-One worker group serves the whole module (starting one costs seconds); each test first restores the
-group's starting state from a checkpoint, which exercises `load_state` too. The dead-worker test ends
-the group, so it comes last.
+One worker group serves the whole module (starting one costs seconds); it is started by rlcore's
+backend contract check, and each test first restores its starting state from a checkpoint, which
+exercises `load_state` too. The dead-worker test ends the group, so it comes last.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from policy_losses import SequenceMeanPG, TokenMeanPG
 from rlcore import RolloutBatch, SamplingParams, UpdatePlan
 from rlcore.context import RunContext
 from rlcore.errors import TrainingError
-from rlcore.testing import make_context
+from rlcore.testing import check_backend, make_batch, make_context
 from rlcore_backends import micro_batches
 from rlcore_backends.fsdp_backend import FSDPBackend
 from rlcore_backends.hf_rollout import HFRollout
@@ -39,14 +39,16 @@ def module_context(tmp_path_factory: pytest.TempPathFactory, rlcore_tiny_model: 
 
 @pytest.fixture(scope="module")
 def group(module_context: RunContext) -> Iterator[tuple[FSDPBackend, Path]]:
-    """A started 2-rank fsdp backend and a checkpoint of its starting state."""
+    """A 2-rank fsdp backend and a checkpoint of its starting state, both made by rlcore's backend
+    contract check (setup, logprobs, weights, save_state, update, load_state back to the start)."""
     backend = FSDPBackend(FSDPBackend.Options(world_size=2, timeout_s=120, **OPTIONS))
-    backend.setup(ctx=module_context)
     start = module_context.run_dir / "start"
     start.mkdir()
-    backend.save_state(directory=start)
-    yield backend, start
-    backend.teardown()
+    try:
+        check_backend(backend, module_context, make_batch(vocab=17), TokenMeanPG(), start)
+        yield backend, start
+    finally:
+        backend.teardown()
 
 
 @pytest.fixture
@@ -170,6 +172,67 @@ def test_policy_weights_sync_into_the_hf_rollout(fsdp: FSDPBackend, rollout: HFR
     rollout.sync_weights(weights=weights)
     fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[])
     torch.testing.assert_close(fsdp.logprobs(batch=fresh, reference=False), fresh.rollout_logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_and_zero2_match_torch(rlcore_context: RunContext, torch_backend: TorchBackend,
+                                                      batch: RolloutBatch) -> None:
+    backend = FSDPBackend(FSDPBackend.Options(gradient_checkpointing=True, reshard_after_forward=False, **OPTIONS))
+    backend.setup(ctx=rlcore_context)
+    try:
+        batch.old_logprobs = batch.rollout_logprobs
+        got = backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        want = torch_backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        for key in ("loss", "grad_norm", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), key
+        assert_same_weights(weights(backend), weights(torch_backend), atol=1e-5)
+    finally:
+        backend.teardown()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_keeps_float32_master_weights(rlcore_context: RunContext, torch_backend: TorchBackend,
+                                                           batch: RolloutBatch) -> None:
+    backend = FSDPBackend(FSDPBackend.Options(param_dtype="bfloat16", reduce_dtype="float32", **OPTIONS))
+    backend.setup(ctx=rlcore_context)
+    try:
+        torch.testing.assert_close(backend.logprobs(batch=batch, reference=False), batch.rollout_logprobs,
+                                   atol=0.1, rtol=0)
+        start = weights(backend)
+        batch.old_logprobs = batch.rollout_logprobs
+        got = backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
+        want = torch_backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
+        assert got["loss"] == pytest.approx(want["loss"], abs=0.05)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=0.1)
+        after = weights(backend)
+        assert all(t.dtype == torch.float32 for t in after.values())
+        assert any(not torch.equal(after[n], start[n]) for n in start)
+    finally:
+        backend.teardown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl)")
+def test_nccl_on_cuda_matches_torch_backend(tmp_path: Path, rlcore_tiny_model: Path, batch: RolloutBatch) -> None:
+    ctx = make_context(tmp_path, rlcore_tiny_model, hardware="cuda")
+    assert ctx.hardware.collective_backend() == "nccl"
+    single = TorchBackend(TorchBackend.Options(**OPTIONS))
+    single.setup(ctx=ctx)
+    backend = FSDPBackend(FSDPBackend.Options(world_size=min(2, torch.cuda.device_count()), **OPTIONS))
+    backend.setup(ctx=ctx)
+    try:
+        batch.old_logprobs = batch.rollout_logprobs
+        torch.testing.assert_close(backend.logprobs(batch=batch, reference=False),
+                                   single.logprobs(batch=batch, reference=False), atol=1e-4, rtol=0)
+        got = backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        want = single.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan(mini_batches=2))
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-4)
+        assert_same_weights(weights(backend), {n: t.cpu() for n, t in weights(single).items()}, atol=1e-4)
+        (tmp_path / "ckpt").mkdir()
+        backend.save_state(directory=tmp_path / "ckpt")
+        backend.load_state(directory=tmp_path / "ckpt")
+        assert backend.steps == 2
+    finally:
+        backend.teardown()
 
 
 def test_a_dead_worker_is_reported_by_rank(fsdp: FSDPBackend, batch: RolloutBatch) -> None:

@@ -1,11 +1,12 @@
-"""Token-budget micro-batch planning and trimming."""
+"""Token-budget micro-batch planning and trimming, and data-parallel rank shards."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlcore.testing import make_batch
-from rlcore_backends.micro_batches import plan, take
+from rlcore_backends.micro_batches import plan, rank_shards, take
 
 
 def test_plan_covers_the_batch_within_the_budget() -> None:
@@ -27,3 +28,17 @@ def test_take_trims_only_padding() -> None:
     assert torch.equal(sub.response_mask.sum(-1), batch.response_mask[:3].sum(-1))
     assert torch.equal(sub.prompt_mask.sum(-1), batch.prompt_mask[:3].sum(-1))
     assert sub.texts == batch.texts[:3]
+
+
+@pytest.mark.parametrize("size, world", [(7, 2), (8, 4), (3, 3), (2, 4)])
+def test_rank_shards_split_contiguously_and_pad_empty_ranks(size: int, world: int) -> None:
+    batch = make_batch(groups=1, n=size, seed=3, with_advantages=True)
+    shards = rank_shards(batch, world)
+    rows = [real for _, real in shards]
+    assert len(shards) == world and sum(rows) == size and max(rows) - min(rows) <= 1
+    real = [shard for shard, n in shards if n]
+    for name in ("response_ids", "response_mask", "advantages", "prompt_ids"):
+        assert torch.equal(torch.cat([getattr(s, name) for s in real]), getattr(batch, name))
+    for shard, n in shards:
+        if n == 0:
+            assert len(shard) == 1 and shard.response_mask.sum() == 0 and shard.advantages.abs().sum() == 0

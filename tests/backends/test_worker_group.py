@@ -19,7 +19,7 @@ def test_errors_are_raised_by_rank_and_a_dead_rank_stops_the_group() -> None:
     group = SpawnedGroup(DemoWorker, specs(), timeout_s=60, name="demo")
     try:
         assert group.call("whoami", [{"offset": 10}, {"offset": 20}]) == 10, "rank 0's answer"
-        with pytest.raises(TrainingError, match=r"demo worker rank 1 failed in 'fail': ValueError: bad input on rank 1"):
+        with pytest.raises(TrainingError, match=r"demo worker rank 1 failed in 'fail': ValueError: bad input"):
             group.call("fail", [{"rank": 1}] * 2)
         with pytest.raises(ConfigError, match=r"^backend.world_size=3 does not divide the batch$"):
             group.call("misconfigured", [{}] * 2)
@@ -36,7 +36,7 @@ def test_errors_are_raised_by_rank_and_a_dead_rank_stops_the_group() -> None:
 
 
 def test_a_failed_setup_names_the_rank_and_stops_the_others() -> None:
-    with pytest.raises(TrainingError, match=r"demo worker rank 1 failed in 'setup': RuntimeError: cannot load the model"):
+    with pytest.raises(TrainingError, match=r"demo worker rank 1 failed in 'setup': RuntimeError: cannot load"):
         SpawnedGroup(DemoWorker, specs(fail_setup_on=1), timeout_s=60, name="demo")
 
 

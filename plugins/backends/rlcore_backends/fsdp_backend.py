@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,10 +96,9 @@ class FSDPBackend:
         minis = batch.split(math.ceil(len(batch) / plan.mini_batches))
         shards = [rank_shards(mini, self.group.world_size) for mini in minis]
         max_len = plan.max_response_length or batch.response_ids.shape[1]
-        metrics = self.group.call("update", [
+        metrics, self.steps = self.group.call("update", [
             {"minis": [mini[rank][0] for mini in shards], "epochs": plan.epochs, "loss": loss, "max_len": max_len}
             for rank in range(self.group.world_size)])
-        self.steps += plan.epochs * len(minis)
         tokens = plan.epochs * int(batch.prompt_mask.sum() + batch.attention_mask.sum())
         seconds = time.perf_counter() - start
         return {**metrics, "update/seconds": seconds, "update/tokens_per_s": tokens / seconds}
@@ -128,7 +128,9 @@ class FSDPBackend:
         """Load the sharded checkpoint into the base model in this process (no process group needed) and
         save it with the run's tokenizer."""
         model = load_cpu_model(ctx.model.path)
-        dcp.load({"model": model.state_dict()}, checkpoint_id=str(Path(checkpoint) / DCP_DIR), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
+            dcp.load({"model": model.state_dict()}, checkpoint_id=str(Path(checkpoint) / DCP_DIR), no_dist=True)
         return write_model_dir(model, ctx.model.tokenizer, Path(out))
 
     @hookimpl

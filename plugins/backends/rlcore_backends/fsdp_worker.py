@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers.utils import logging as hf_logging
 
 from rlcore import LossNorm, ModelSpec, PolicyLoss, RolloutBatch
 from rlcore.models import load_model
@@ -103,16 +104,17 @@ class FSDPWorker:
 
     # ---- collective calls ------------------------------------------------------------------------
 
-    def update(self, minis: list[RolloutBatch], epochs: int, loss: PolicyLoss, max_len: int) -> dict[str, float]:
-        """`epochs` passes over this rank's shards of the mini-batches, one optimizer step each; metrics
-        are summed over ranks and averaged over steps."""
+    def update(self, minis: list[RolloutBatch], epochs: int, loss: PolicyLoss,
+               max_len: int) -> tuple[dict[str, float], int]:
+        """`epochs` passes over this rank's shards of the mini-batches, one optimizer step each. Returns
+        the metrics (summed over ranks, averaged over steps) and the optimizer steps taken so far."""
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         for _ in range(epochs):
             for mini in minis:
                 for name, value in self._step(mini, loss, max_len).items():
                     sums[name] += value
-        return {name: value / (epochs * len(minis)) for name, value in sums.items()}
+        return {name: value / (epochs * len(minis)) for name, value in sums.items()}, self.steps
 
     def logprobs(self, shard: RolloutBatch, reference: bool) -> list[Tensor] | None:
         """No-grad logprobs of this rank's shard; rank 0 gets every rank's, in rank order."""
@@ -203,6 +205,7 @@ class FSDPWorker:
 
     def _load(self) -> torch.nn.Module:
         """The full float32 policy on the CPU; `fully_shard` then moves each rank's shard to its device."""
+        hf_logging.disable_progress_bar()  # one bar per rank would interleave with the run's output
         return load_model(ModelSpec(path=self.spec.model_path), torch.float32, "cpu")
 
     def _reference(self) -> torch.nn.Module:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-from safetensors.torch import load_file
 
 from rlcore import Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
-from rlcore.errors import ConfigError
-from rlcore_backends.adapters import add_lora, adapter_config, adapter_state_dict, merged_state_dict
+from rlcore_backends.adapters import (add_lora, adapter_config, adapter_state_dict, load_adapters,
+                                     merge_saved_adapters, merged_state_dict)
 from rlcore_backends.export import load_cpu_model, write_model_dir
 from rlcore_backends.torch_backend import TorchBackend
 from rlcore_backends.train_options import TrainOptions
@@ -65,34 +64,26 @@ class LoRABackend(TorchBackend):
     @hookimpl
     def load_state(self, directory: Path) -> None:
         """Restore the adapters and the optimizer, so training resumes bit-identically."""
-        from peft import set_peft_model_state_dict
-
         directory = Path(directory)
-        saved = load_file(directory / ADAPTER_DIR / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.model, saved)
-        missing = [k for k in result.missing_keys if ".lora_" in k]
-        if result.unexpected_keys or missing:
-            raise ConfigError(f"the adapters in {directory / ADAPTER_DIR} do not fit this model (were backend.rank "
-                              f"or backend.target_modules changed?): unexpected {result.unexpected_keys[:3]}, "
-                              f"missing {missing[:3]}")
+        load_adapters(self.model, directory / ADAPTER_DIR, self.device)
         self._load_trainer(directory)
 
     @hookimpl
     def export_model(self, checkpoint: Path, out: Path, ctx: RunContext) -> Path:
         """The base model with the checkpoint's adapters merged in, saved with the run's tokenizer."""
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_cpu_model(ctx.model.path), str(Path(checkpoint) / ADAPTER_DIR))
-        return write_model_dir(model.merge_and_unload(), ctx.model.tokenizer, Path(out))
+        model = merge_saved_adapters(load_cpu_model(ctx.model.path), Path(checkpoint) / ADAPTER_DIR)
+        return write_model_dir(model, ctx.model.tokenizer, Path(out))
 
     def merged_weights(self) -> Weights:
         """Full weights under the base model's names, each adapter merged in (the live model is untouched)."""
-        return Weights(named_tensors=lambda: iter(merged_state_dict(self.model).items()), version=self.steps)
+        state = merged_state_dict(self.model)
+        return Weights(named_tensors=lambda: iter(state.items()), version=self.steps)
 
     def adapter_weights(self) -> Weights:
         """The adapters alone, under peft's names, with their peft config."""
-        return Weights(named_tensors=lambda: iter(adapter_state_dict(self.model).items()), version=self.steps,
-                       adapter=True, adapter_config=adapter_config(self.model))
+        state = adapter_state_dict(self.model)
+        return Weights(named_tensors=lambda: iter(state.items()), version=self.steps, adapter=True,
+                       adapter_config=adapter_config(self.model))
 
     def _load_policy(self, ctx: RunContext) -> Any:
         """The base policy with fresh adapters; only the adapters require grad (and so get AdamW state)."""

@@ -44,7 +44,9 @@ def _error_reply(e: BaseException) -> tuple[str, str, str, str]:
 
 def serve(conn: Connection, factory: type, spec: Any) -> None:
     """A spawned rank's main loop: build `factory(spec)`, then run each `(method, kwargs)` the driver
-    sends and reply `("ok", result)` or `("error", ...)`, until `close` or the driver goes away."""
+    sends and reply `("ok", result)` or `("error", ...)`, until `close` or the driver goes away. Ctrl-C
+    is left to the driver, which closes the group in its teardown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         worker = factory(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it with the rank
@@ -106,7 +108,10 @@ class SpawnedGroup:
         if self.stopped:
             raise TrainingError(f"the {self.name} workers were stopped earlier ({self.stopped}); start a new run")
         for conn, kw in zip(self.conns, kwargs):
-            _send(conn, (method, kw))
+            try:
+                _send(conn, (method, kw))
+            except OSError:
+                pass  # a rank that is gone: `_collect` reports it by rank
         return self._collect(method)
 
     def close(self) -> None:
