@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlcore import Prompt, SamplingParams
+from rlcore import Prompt, SamplingParams, Tool
 from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
@@ -119,6 +119,17 @@ def test_stop_strings(rollout: HFRollout, prompts: list[Prompt]) -> None:
             assert text.endswith("5") and "5" not in text[:-1] and not batch.truncated[i]
         else:
             assert "5" not in batch.texts[i]
+
+
+def test_tools_go_through_the_tool_loop(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    """With tools the hf rollout runs `run_turns`' tool loop (the tiny model never calls one: a single turn)."""
+    class Noop(Tool):
+        name = "noop"
+
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=6, seed=0), tools=[Noop()])
+    batch.validate()
+    assert [i["turns"] for i in batch.info] == [1] * 8 and all(i["tool_calls"] == 0 for i in batch.info)
+    assert torch.equal(batch.response_mask, batch.attention_mask.float())
 
 
 def test_images_are_refused(rollout: HFRollout, prompts: list[Prompt]) -> None:

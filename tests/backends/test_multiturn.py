@@ -183,6 +183,7 @@ def test_two_tool_turns_render_mask_and_count(tok: Any) -> None:
     batch.validate()
     assert batch.group_ids.tolist() == [0, 0, 1, 1] and [p.id for p in batch.prompts] == ["1+2+3?"] * 2 + ["hi"] * 2
     assert [c.n for c in engine.calls] == [1, 1, 1], "three engine calls, one completion per row"
+    assert [c.seed for c in engine.calls] == [None] * 3
 
     tools = [adder.schema()]
     conversation = [{"role": "user", "content": "1+2+3?"}]
@@ -267,6 +268,13 @@ def test_tool_calls_of_a_batch_run_concurrently(tok: Any) -> None:
                       tool_timeout=10)
     assert [i["tool_errors"] for i in batch.info] == [0] * 6
     assert all("<tool_response>\nmet\n</tool_response>" in tok.decode(c) for c in engine.contexts[6:])
+
+
+def test_each_turn_gets_fresh_seeds(tok: Any) -> None:
+    """With params.seed, turn t samples with seed + t * B, so no row reuses another turn's row seeds."""
+    engine = ScriptedEngine(tok, {"q": [call("echo", {"text": "a"}), call("echo", {"text": "b"}), "done"]})
+    run_turns(engine, tok, ask("q"), SamplingParams(n=2, max_new_tokens=200, seed=10), [Echo()], max_turns=3)
+    assert [c.seed for c in engine.calls] == [10, 12, 14]
 
 
 def test_max_turns_stops_the_loop(tok: Any) -> None:

@@ -95,7 +95,7 @@ def build_batch(prompts: Sequence[Prompt], prompt_ids: list[list[int]], completi
         raise RLCoreError("each completion needs one logprob and one loss-mask entry per token")
     if any(c.finish_reason not in FINISH_REASONS for c in completions):
         raise RLCoreError(f"a completion's finish_reason must be one of {FINISH_REASONS}")
-    # An empty response still gets one padding column, so every tensor is [B, R] with R >= 1.
+    # An empty response becomes one padding column (masked out), so every tensor is [B, R] with R >= 1.
     responses = [torch.tensor(c.token_ids or [tokenizer.pad_token_id], dtype=torch.long) for c in completions]
     lengths = torch.tensor([len(c.token_ids) for c in completions])
     attention = (torch.arange(max(int(lengths.max()), 1))[None, :] < lengths[:, None]).long()
@@ -105,11 +105,10 @@ def build_batch(prompts: Sequence[Prompt], prompt_ids: list[list[int]], completi
     return RolloutBatch(
         prompt_ids=pad(prompt_rows, tokenizer.pad_token_id, left=True),
         prompt_mask=pad([torch.ones_like(p) for p in prompt_rows], 0, left=True),
-        response_ids=pad(responses, tokenizer.pad_token_id, left=False) * attention
-        + tokenizer.pad_token_id * (1 - attention),
-        response_mask=loss_mask * attention, attention_mask=attention,
+        response_ids=pad(responses, tokenizer.pad_token_id, left=False),
+        response_mask=loss_mask, attention_mask=attention,
         rollout_logprobs=pad([torch.tensor(c.logprobs or [0.0], dtype=torch.float32) for c in completions],
-                             0.0, left=False) * attention,
+                             0.0, left=False),
         group_ids=torch.arange(len(prompts)).repeat_interleave(n),
         prompts=[p for p in prompts for _ in range(n)],
         texts=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
@@ -128,6 +127,8 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
     executed concurrently across the batch, answers rendered by the chat template and masked out of the
     loss) until a turn calls no tool, `max_turns` assistant turns were taken, or the response reaches
     `params.max_new_tokens` tokens, which bounds the whole response (all turns and tool output).
+    `batch.info[i]` then counts `turns`, `tool_calls` and `tool_errors` (failed calls, answered with error
+    text the model reads) and sums the tools' step rewards as `tool_reward`.
     """
     prompts = list(prompts)
     if not tools:
@@ -144,8 +145,9 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
         active = list(range(len(samples)))
         for turn in range(max_turns):
             budgets = [params.max_new_tokens - len(samples[i].tokens) for i in active]
+            seed = None if params.seed is None else params.seed + turn * len(samples)  # fresh seeds every turn
             outs = engine.generate([prompt_ids[i] + samples[i].tokens for i in active],
-                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets)))
+                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed))
             calling: list[int] = []
             for i, budget, out in zip(active, budgets, outs):
                 sample = samples[i]

@@ -54,7 +54,8 @@ class HFEngine:
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: torch.device,
                  max_rows: int) -> None:
-        self.model, self.tokenizer, self.eos_ids, self.device, self.max_rows = model, tokenizer, eos_ids, device, max_rows
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        self.device, self.max_rows = device, max_rows
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One completion per prompt, `max_rows` prompts per `generate` call."""

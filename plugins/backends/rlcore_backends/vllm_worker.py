@@ -1,12 +1,18 @@
-"""Methods mixed into every vLLM worker (`worker_extension_cls`), called by name through `collective_rpc`.
+"""Methods mixed into every vLLM worker (`worker_extension_cls`), called by name through `collective_rpc`,
+and the two ways weights reach them in memory: a shared-memory block (same machine) or safetensors bytes.
 
-They run inside vLLM's worker processes (or the trainer's process with the in-process engine), so
-this module imports vLLM only inside the methods and nothing of rlcore's rollout.
+The methods run inside vLLM's worker processes, so this module imports vLLM only inside them.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import math
+import mmap
 import time
+from collections.abc import Iterable, Iterator
+from multiprocessing import shared_memory
 from typing import Any
 
 import torch
@@ -27,11 +33,21 @@ class RLCoreWorkerExtension:
         self._repack_tied_lm_head()
         return time.perf_counter() - start
 
-    def rlcore_load_safetensors(self, data: bytes) -> float:
-        """`rlcore_load_weights` from an in-memory safetensors blob (how weights travel over HTTP)."""
+    def rlcore_load_safetensors(self, data: str) -> float:
+        """`rlcore_load_weights` from base64 safetensors text: how weights come through a server's JSON
+        `/collective_rpc` route, which passes strings only."""
         from safetensors.torch import load
 
-        return self.rlcore_load_weights(list(load(bytes(data)).items()))
+        return self.rlcore_load_weights(list(load(base64.b64decode(data)).items()))
+
+    def rlcore_load_shared(self, block: str, layout: list[list[Any]]) -> float:
+        """`rlcore_load_weights` from the shared-memory block `block` that `shared_weights` filled; `layout`
+        holds [name, dtype, shape, offset] per tensor. The tensors are views of the block, not copies."""
+        with attach(block) as data:
+            named = [(name, view(data, dtype, shape, offset)) for name, dtype, shape, offset in layout]
+            seconds = self.rlcore_load_weights(named)
+            del named
+        return seconds
 
     def rlcore_init_amx(self) -> bool:
         """Ask the kernel for AMX tile state before bf16 matmuls use it (else the first one can SIGILL)."""
@@ -53,15 +69,63 @@ class RLCoreWorkerExtension:
         dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
-def safetensors_bytes(named_tensors: list[tuple[str, Tensor]]) -> bytes:
-    """Serialise (name, tensor) pairs to safetensors bytes in memory; of tensors sharing storage (a tied
-    lm_head and embedding) only the first is kept, which the engine's tied model loads into both."""
+def unique_tensors(named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """The tensors by name, detached on the CPU; of tensors sharing storage (a tied lm_head and embedding)
+    one is kept, not the lm_head: a tied model loads the embedding into both."""
+    owner: dict[int, str] = {}
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in named_tensors:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr() if storage.nbytes() else -len(tensors) - 1
+        if key in owner:
+            if not owner[key].startswith("lm_head"):
+                continue
+            del tensors[owner[key]]
+        owner[key] = name
+        tensors[name] = tensor.detach().to("cpu")
+    return tensors
+
+
+def safetensors_bytes(named_tensors: Iterable[tuple[str, Tensor]]) -> bytes:
+    """The weights serialised to safetensors bytes in memory (for a server, whose RPC takes strings)."""
     from safetensors.torch import save
 
-    seen: set[int] = set()
-    unique = {}
-    for name, tensor in named_tensors:
-        if tensor.untyped_storage().data_ptr() not in seen:
-            seen.add(tensor.untyped_storage().data_ptr())
-            unique[name] = tensor.detach().to("cpu").contiguous()
-    return save(unique)
+    return save({name: t.contiguous() for name, t in unique_tensors(named_tensors).items()})
+
+
+@contextlib.contextmanager
+def shared_weights(named_tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, list[list[Any]]]]:
+    """Copy the weights into one new shared-memory block; yields its name and layout for `rlcore_load_shared`,
+    and frees the block on exit."""
+    tensors = unique_tensors(named_tensors)
+    layout, offset = [], 0
+    for name, t in tensors.items():
+        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
+        offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned views for any dtype
+    shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+    try:
+        data = torch.frombuffer(shm.buf, dtype=torch.uint8)
+        for (name, dtype, shape, start), t in zip(layout, tensors.values()):
+            view(data, dtype, shape, start).copy_(t)
+        del data
+        yield shm.name, layout
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def view(data: Tensor, dtype: str, shape: list[int], offset: int) -> Tensor:
+    """The tensor of `dtype` and `shape` stored at byte `offset` of the uint8 buffer `data`."""
+    dt = getattr(torch, dtype)
+    return data[offset:offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+
+
+@contextlib.contextmanager
+def attach(block: str) -> Iterator[Tensor]:
+    """The shared-memory block `block` as a uint8 tensor, mapped from /dev/shm (where Linux keeps POSIX shared
+    memory) rather than through `SharedMemory`, whose resource tracker would claim, and later unlink, a block
+    this process did not create. Views of it must be dropped before the context exits."""
+    with open(f"/dev/shm/{block.lstrip('/')}", "r+b") as f, mmap.mmap(f.fileno(), 0) as buffer:
+        data = torch.frombuffer(buffer, dtype=torch.uint8)
+        yield data
+        del data
