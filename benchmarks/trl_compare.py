@@ -108,7 +108,10 @@ def side_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rss_peak_mib": med([r["ru_maxrss_mib"] for r in runs]),
         "rss_setup_mib": med([r["rss_setup_mib"] for r in runs]),
         "round_walls": [med([s["wall"] for s in r["steps"]]) for r in runs],
+        "round_updates": [med([s["update"] for s in r["steps"]]) for r in runs],
         "timed_steps": len(steps),
+        # per step, so that it is the step's own remainder (medians of parts do not add up)
+        "other": med([s["wall"] - sum(s.get(k, 0.0) for _, k in PHASES) for s in steps]),
     }
     for _, key in PHASES:
         out[key] = med([s.get(key, 0.0) for s in steps])
@@ -125,8 +128,12 @@ def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
 
 
-def report(args: argparse.Namespace, model: dict[str, Any], peak: dict[str, float], rl: dict[str, Any],
+def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str, Any]], rl: dict[str, Any],
            tr: dict[str, Any], rl_runs: list[dict[str, Any]], tr_runs: list[dict[str, Any]]) -> tuple[str, dict]:
+    """The printed report and the results dict. `peaks` holds one matmul peak per round (measured just before
+    that round's pair), so each round's update utilisation is taken against the machine as it was then."""
+    peak = {name: med([p[name] for p in peaks]) for name in ("fp32", "bf16")}
+    last = peaks[-1]
     lines = []
     add = lines.append
     params = model["params"]
@@ -145,14 +152,17 @@ def report(args: argparse.Namespace, model: dict[str, Any], peak: dict[str, floa
         f"{rv['cpu_capability']}; update dtype {rl_runs[0]['dtype']}, micro_batch_tokens "
         f"{rl_runs[0]['micro_batch_tokens']}, rollout {rl_runs[0]['rollout']}")
     add(f"TRL side: trl {tv.get('trl', '?')}, torch {tv['torch']}, transformers {tv['transformers']}, "
-        f"{tv['threads']} threads; dtype {tr_runs[0]['dtype']}, optim {tr_runs[0]['optim']}, "
+        f"{tv['threads']} threads; dtype {tr_runs[0]['dtype']}, optim {tr_runs[0]['optim'].split('.')[-1].lower()}, "
         f"gradient_checkpointing {tr_runs[0]['gradient_checkpointing']}")
-    add(f"matmul peak (measured here, {rv['threads']} threads, best of mm / linear): fp32 {peak['fp32'] / 1e12:.3f} "
-        f"TFLOP/s ({peak['fp32_size']}x{peak['fp32_size']}, {peak['fp32_op']}), bf16 {peak['bf16'] / 1e12:.3f} "
-        f"TFLOP/s ({peak['bf16_size']}x{peak['bf16_size']}, {peak['bf16_op']}); bf16/fp32 = "
-        f"{peak['bf16'] / peak['fp32']:.2f}; 1024 probe GFLOP/s fp32 "
-        + ", ".join(f"{k} {v:.1f}" for k, v in peak["fp32_probe_gflops"].items()) + "; bf16 "
-        + ", ".join(f"{k} {v:.1f}" for k, v in peak["bf16_probe_gflops"].items()))
+    add(f"matmul peak (measured here before each round, {rv['threads']} threads, best of mm / linear; median of "
+        f"{len(peaks)}): fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s ({last['fp32_size']}x{last['fp32_size']}, "
+        f"{last['fp32_op']}; rounds " + ", ".join(f"{p['fp32'] / 1e12:.3f}" for p in peaks) + f"), bf16 "
+        f"{peak['bf16'] / 1e12:.3f} TFLOP/s ({last['bf16_size']}x{last['bf16_size']}, {last['bf16_op']}; rounds "
+        + ", ".join(f"{p['bf16'] / 1e12:.3f}" for p in peaks) + f"); bf16/fp32 = {peak['bf16'] / peak['fp32']:.2f}")
+    add("  1024x1024 probe GFLOP/s: fp32 " + ", ".join(f"{k} {v:.1f}" for k, v in last["fp32_probe_gflops"].items())
+        + "; bf16 " + ", ".join(f"{k} {v:.1f}" for k, v in last["bf16_probe_gflops"].items())
+        + (f" (bf16 timed at {last['bf16_size']}: 4096 would exceed --peak-budget)"
+           if last["bf16_size"] < 4096 else ""))
     add(f"generated tokens per step: rlcore {rl['gen_tokens']:.0f}, TRL {tr['gen_tokens']:.0f} "
         f"(target {args.prompts * args.group * args.tokens}); mean completion length rlcore "
         f"{rl['response_length_mean']:.1f}, TRL {tr['response_length_mean']:.1f}")
@@ -168,13 +178,12 @@ def report(args: argparse.Namespace, model: dict[str, Any], peak: dict[str, floa
     row("step seconds", rl["wall"], tr["wall"], rl["wall"] / tr["wall"])
     for name, key in PHASES:
         a, b = rl[key], tr[key]
-        row(f"phase {name} s/step (speed-up TRL/rlcore)", a, b, b / a if a > 0 else float("nan"))
+        row(f"phase {name} s/step (speed-up TRL/rlcore)", a, b, b / a if min(a, b) > 1e-3 else float("nan"))
     row("generation tokens/s", rl["rollout_tokens_per_s"], tr["rollout_tokens_per_s"],
         rl["rollout_tokens_per_s"] / tr["rollout_tokens_per_s"])
     row("update tokens/s (prompt+completion)", rl["update_tokens_per_s"], tr["update_tokens_per_s"],
         rl["update_tokens_per_s"] / tr["update_tokens_per_s"])
-    row("other s/step (rest of the step)", rl["wall"] - sum(rl[k] for _, k in PHASES),
-        tr["wall"] - sum(tr[k] for _, k in PHASES), float("nan"))
+    row("other s/step (rest of the step)", rl["other"], tr["other"], float("nan"))
     row("peak RSS MiB (wait4 ru_maxrss)", rl["rss_peak_mib"], tr["rss_peak_mib"],
         rl["rss_peak_mib"] / tr["rss_peak_mib"])
     row("RSS after setup MiB", rl["rss_setup_mib"], tr["rss_setup_mib"], rl["rss_setup_mib"] / tr["rss_setup_mib"])
@@ -191,17 +200,19 @@ def report(args: argparse.Namespace, model: dict[str, Any], peak: dict[str, floa
     results: dict[str, Any] = {"paired_ratios": paired}
     for side, s, dtype in (("rlcore", rl, rl_runs[0]["dtype"]), ("TRL", tr, tr_runs[0]["dtype"])):
         flops = 6 * params * s["update_tokens"]
-        achieved = flops / s["update"] if s["update"] > 0 else float("nan")
         useful = (6 * model["non_embedding_params"] * s["update_tokens"]
                   + 6 * model["vocab"] * model["hidden"] * s["gen_tokens"])
+        util = {name: med([flops / u / p[name] for u, p in zip(s["round_updates"], peaks) if u > 0])
+                for name in ("fp32", "bf16")}
+        useful_fp32 = med([useful / u / p["fp32"] for u, p in zip(s["round_updates"], peaks) if u > 0])
         add(f"update FLOP utilisation {side}: 6 x {params / 1e6:.1f}M params x {s['update_tokens']:.0f} tokens = "
-            f"{flops / 1e9:.1f} GFLOP in {fmt(s['update'])} s = {achieved / 1e12:.3f} TFLOP/s = "
-            f"{100 * achieved / peak['fp32']:.1f}% of fp32 peak, {100 * achieved / peak['bf16']:.1f}% of bf16 peak "
-            f"(update dtype {dtype})")
-        add(f"    (model FLOPs without the embedding lookup, LM head on completion tokens only: "
-            f"{useful / 1e9:.1f} GFLOP = {100 * useful / s['update'] / peak['fp32']:.1f}% of fp32 peak)")
-        results[f"{side}_update_util_bf16"] = achieved / peak["bf16"]
-        results[f"{side}_update_util_fp32"] = achieved / peak["fp32"]
+            f"{flops / 1e9:.1f} GFLOP per update, {fmt(s['update'])} s = {flops / s['update'] / 1e12:.3f} TFLOP/s; "
+            f"{100 * util['fp32']:.1f}% of fp32 peak, {100 * util['bf16']:.1f}% of bf16 peak (median over rounds of "
+            f"each round's update / its peak; update dtype {dtype})")
+        add(f"    model FLOPs without the embedding lookup, LM head on completion tokens only: {useful / 1e9:.1f} "
+            f"GFLOP per update = {100 * useful_fp32:.1f}% of fp32 peak")
+        results[f"{side}_update_util_bf16"] = util["bf16"]
+        results[f"{side}_update_util_fp32"] = util["fp32"]
     add("")
     ratio = rl["gen_tokens_per_s"] / tr["gen_tokens_per_s"]
     util = results["rlcore_update_util_bf16"]
@@ -217,9 +228,15 @@ def report(args: argparse.Namespace, model: dict[str, Any], peak: dict[str, floa
     target("update >= 40% of measured bf16 matmul peak, 50M", util >= 0.40,
            f"{100 * util:.1f}% of bf16 peak, {100 * results['rlcore_update_util_fp32']:.1f}% of fp32 peak, "
            f"rlcore dtype {rl_runs[0]['dtype']}", on_50m)
+    if peak["bf16"] < peak["fp32"]:
+        # On this CPU bf16 is the slower dtype, so the bf16 reading of the target is met trivially; the same bar
+        # against the faster dtype's peak is the meaningful one.
+        fast = results["rlcore_update_util_fp32"]
+        target("update >= 40% of the faster dtype's peak (fp32 here: bf16 is slower on this CPU), 50M",
+               fast >= 0.40, f"{100 * fast:.1f}% of fp32 peak", on_50m)
     target("peak RSS <= TRL's", rss_ratio <= 1.0,
            f"rlcore {rl['rss_peak_mib']:.0f} MiB vs TRL {tr['rss_peak_mib']:.0f} MiB, {rss_ratio:.2f}x")
-    results.update({"model": model, "peak": peak, "rlcore": rl, "trl": tr, "throughput_ratio": ratio,
+    results.update({"model": model, "peak": peak, "peaks": peaks, "rlcore": rl, "trl": tr, "throughput_ratio": ratio,
                     "rss_ratio": rss_ratio})
     return "\n".join(lines), results
 
@@ -270,25 +287,22 @@ def main(argv: list[str] | None = None) -> int:
                             "group": args.group, "tokens": args.tokens, "lr": args.lr, "seed": args.seed,
                             "dtype": args.dtype,
                             "peak_budget": args.peak_budget}
-    print(f"preparing model {args.model} and measuring the matmul peak ...", flush=True)
+    print(f"preparing model {args.model} ...", flush=True)
     model = run_worker(sys.executable, "prepare", spec, logs, "prepare", args.timeout)["model"]
-    peak = run_worker(sys.executable, "peak", spec, logs, "peak", args.timeout)["peak"]
-    rl_runs, tr_runs = [], []
+    rl_runs, tr_runs, peaks = [], [], []
     for r in range(args.rounds):
+        # The machine is shared: measure the peak right before each round's pair, in its own process.
+        peaks.append(run_worker(sys.executable, "peak", spec, logs, f"peak-round{r + 1}", args.timeout)["peak"])
+        print(f"round {r + 1} peak  : fp32 {peaks[-1]['fp32'] / 1e12:.3f} TFLOP/s, bf16 "
+              f"{peaks[-1]['bf16'] / 1e12:.3f} TFLOP/s", flush=True)
         for side, python, runs in (("rlcore", sys.executable, rl_runs), ("trl", trl_py, tr_runs)):
             result = run_worker(python, side, spec, logs, f"{side}-round{r + 1}", args.timeout)
             runs.append(result)
             walls = [s["wall"] for s in result["steps"]]
             print(f"round {r + 1} {side:<6}: {len(walls)} steps, median {med(walls):.2f} s/step, peak RSS "
                   f"{result['ru_maxrss_mib']:.0f} MiB, process {result['process_s']:.0f} s", flush=True)
-    if args.rounds > 1:
-        # A second peak measurement after the runs: the machine is shared, keep the better of the two.
-        peak2 = run_worker(sys.executable, "peak", spec, logs, "peak2", args.timeout)["peak"]
-        for name in ("fp32", "bf16"):
-            if peak2[name] > peak[name]:
-                peak.update({k: v for k, v in peak2.items() if k.startswith(name)})
     print()
-    text, results = report(args, model, peak, side_summary(rl_runs), side_summary(tr_runs), rl_runs, tr_runs)
+    text, results = report(args, model, peaks, side_summary(rl_runs), side_summary(tr_runs), rl_runs, tr_runs)
     print(text, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()

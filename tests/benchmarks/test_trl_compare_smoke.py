@@ -60,11 +60,13 @@ def test_one_round_one_step_on_the_5m_model_prints_the_full_report(trl_interpret
     number = r"(?:[\d,.]+(?:e-?\d+)?|n/a)"
     for metric in ("steps/s", r"generated tokens/s \(end to end\)", r"peak RSS MiB \(wait4 ru_maxrss\)"):
         assert re.search(rf"^{metric}\s+{number}\s+{number}\s+{number}$", report, re.M), (metric, report)
-    targets = re.findall(r"^TARGET (.+?): (PASS|FAIL|N/A) \(measured ", report, re.M)
-    assert [name for name, _ in targets] == [
-        "end-to-end throughput >= 3x TRL, hf rollout, 50M", "update >= 40% of measured bf16 matmul peak, 50M",
-        "peak RSS <= TRL's"], report
-    assert targets[0][1] == targets[1][1] == "N/A"  # those targets are defined on the 50M model
+    targets = dict(re.findall(r"^TARGET (.+?): (PASS|FAIL|N/A) \(measured ", report, re.M))
+    for name in ("end-to-end throughput >= 3x TRL, hf rollout, 50M", "update >= 40% of measured bf16 matmul peak, 50M",
+                 "peak RSS <= TRL's"):
+        assert name in targets, (name, report)
+    # the throughput and utilisation targets are defined on the 50M model
+    assert targets["end-to-end throughput >= 3x TRL, hf rollout, 50M"] == "N/A"
+    assert targets["update >= 40% of measured bf16 matmul peak, 50M"] == "N/A"
     result = json.loads(out_json.read_text())
     assert result["throughput_ratio"] > 0 and result["rss_ratio"] > 0
     for side in ("rlcore", "trl"):

@@ -75,7 +75,7 @@ def sandboxed(procs: list[Proc], keep: set[int]) -> list[Proc]:
                 todo.append(child.pid)
     if AS_ROOT:
         found.update({p.pid: p for p in procs if UID_BASE <= p.uid < UID_BASE + UID_COUNT})
-    return list(found.values())
+    return [p for p in found.values() if p.pid not in keep]
 
 
 class Watch:
@@ -100,24 +100,28 @@ class Watch:
 def hostile() -> Iterator[Watch]:
     """Watch a hostile run, then check that the machine is as it was: no sandbox process left (the
     kernel tears a killed sandbox down within moments), the canary, this process and its parent alive."""
+    before = {p.pid for p in sandboxed(processes(), set())}  # children other tests of the session left running
     canary = subprocess.Popen(["sleep", "120"])
+    keep = before | {canary.pid}
     parent = os.getppid()
-    watch = Watch(keep={canary.pid})
+    watch = Watch(keep=keep)
     watch.thread.start()
     try:
-        yield watch
+        try:
+            yield watch
+        finally:
+            watch.stop.set()
+            watch.thread.join()
+        deadline = time.monotonic() + 3.0
+        while (left := sandboxed(processes(), keep)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left == [], f"processes left behind: {left}"
+        assert canary.poll() is None, "the canary process was killed"
+        assert os.getppid() == parent
+        os.kill(parent, 0)
     finally:
-        watch.stop.set()
-        watch.thread.join()
-    deadline = time.monotonic() + 3.0
-    while (left := sandboxed(processes(), {canary.pid})) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert left == [], f"processes left behind: {left}"
-    assert canary.poll() is None, "the canary process was killed"
-    assert os.getppid() == parent
-    os.kill(parent, 0)
-    canary.kill()
-    canary.wait()
+        canary.kill()
+        canary.wait()
 
 
 @pytest.fixture(scope="module")
