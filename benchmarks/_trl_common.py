@@ -190,8 +190,11 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     raw = {
         "plugins": {"algo": "grpo", "backend": "torch", "rollout": spec.get("rollout", "hf"),
                     "task": "arithmetic", "hardware": "cpu"},
+        # log_mismatch off: TRL does no logprob pass when on-policy either (it is a diagnostic: rlcore's
+        # default recomputes the trainer's logprobs to report their mismatch with the rollout's).
         "trainer": {"model": spec["model_dir"], "steps": total, "seed": spec["seed"],
-                    "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0},
+                    "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0,
+                    "log_mismatch": spec.get("log_mismatch", False)},
         "sampling": {"n": spec["group"], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": spec["tokens"]},
         "backend": {"lr": spec["lr"], "dtype": spec["dtype"], "max_grad_norm": 1.0, "weight_decay": 0.0,
                     **spec.get("rlcore_backend", {})},
@@ -241,7 +244,8 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         })
     return {"side": "rlcore", "setup_s": setup_s, "rss_setup_mib": rss_setup, "steps": steps,
             "dtype": cfg.options["backend"].dtype, "threads": torch.get_num_threads(),
-            "rollout": cfg.selection["rollout"], "micro_batch_tokens": cfg.options["backend"].micro_batch_tokens}
+            "rollout": cfg.selection["rollout"], "micro_batch_tokens": cfg.options["backend"].micro_batch_tokens,
+            "log_mismatch": cfg.trainer.log_mismatch}
 
 
 # ---- TRL -----------------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
         click.echo("dry run: plugins resolved and options valid.")
         return
     if run_dir is None:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a timestamped name could differ between ranks
+            raise click.UsageError("under torchrun pass --run-dir: every rank must use the same run directory")
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.selection['algo']}-{cfg.selection['task']}"
     click.echo(write_config(cfg, run_dir), nl=False)
     click.echo(f"run directory: {run_dir}")

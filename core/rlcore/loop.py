@@ -24,7 +24,7 @@ from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
 from rlcore.errors import TrainingError
 from rlcore.evaluate import evaluate
-from rlcore.metrics import MetricsLog, ProgressDisplay
+from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.run_config import ResolvedConfig
 from rlcore.types import PolicyLoss, RolloutBatch, UpdatePlan
@@ -216,8 +216,12 @@ class Trainer:
                 batch.ref_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
-            if plan.epochs * plan.mini_batches > 1:
-                batch.old_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=False)
+            off_policy = plan.epochs * plan.mini_batches > 1
+            if off_policy or self.cfg.trainer.log_mismatch:
+                before = self.registry.require("backend", "logprobs", batch=batch, reference=False)
+                metrics.update(logprob_mismatch(before, batch.rollout_logprobs, batch.response_mask))
+                if off_policy:
+                    batch.old_logprobs = before
             timings["timing/logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             batch.advantages = self.registry.require("algo", "advantage", batch=batch)
@@ -317,8 +321,10 @@ class Trainer:
 
 
 def write_config(cfg: ResolvedConfig, run_dir: Path) -> str:
-    """Save the resolved config as `config.yaml` in the run directory and return its text."""
+    """Save the resolved config as `config.yaml` in the run directory (under torchrun, rank 0 only) and
+    return its text."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    (run_dir / "config.yaml").write_text(text)
+    if models.launch_rank() == 0:
+        (run_dir / "config.yaml").write_text(text)
     return text

@@ -8,11 +8,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 HEADLINE = (("reward/mean", "reward"), ("response_length/mean", "len"), ("loss", "loss"),
             ("kl_ref", "kl"), ("entropy", "ent"), ("timing/step", "s/step"))
+
+
+def logprob_mismatch(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the rollout engine's logprobs of the sampled tokens are from the trainer's on the same weights.
+
+    `mismatch/abs_diff_*` is |log pi_train - log pi_rollout| over the tokens in the loss, and `mismatch/iw_*`
+    the token importance weight pi_train / pi_rollout (1 when the engines agree; TIS clips it).
+    """
+    keep = mask > 0
+    if not bool(keep.any()):
+        return {}
+    diff = (trainer.float() - rollout.float())[keep]
+    weight = diff.exp()
+    return {"mismatch/abs_diff_mean": float(diff.abs().mean()), "mismatch/abs_diff_max": float(diff.abs().max()),
+            "mismatch/iw_mean": float(weight.mean()), "mismatch/iw_std": float(weight.std()) if diff.numel() > 1 else 0.0,
+            "mismatch/iw_min": float(weight.min()), "mismatch/iw_max": float(weight.max())}
 
 
 class MetricsLog:

@@ -9,6 +9,10 @@ downloaded.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +45,11 @@ def build_tiny_tokenizer(directory: Path) -> None:
 
 
 def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2,
-                     heads: int = 4) -> Path:
-    """Build and save the embedded default: a seeded random Qwen2 with the character tokenizer."""
+                     heads: int = 2) -> Path:
+    """Build and save the embedded default: a seeded random Qwen2 with the character tokenizer.
+
+    Two heads of size 32, because vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... only, so
+    `rlcore run --rollout vllm` works on the default too."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,12 +69,112 @@ def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: i
     return directory
 
 
+EMBEDDED_VL = "embedded:qwen2.5-vl"
+"""`--model` value for the embedded vision-language default: a tiny seeded random Qwen2.5-VL (see
+`build_tiny_vl_model`), built offline into the run directory like the text default."""
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""Qwen2-VL's chat template (images as `<|vision_start|><|image_pad|><|vision_end|>`, which the processor
+expands to one pad per merged image patch); video and vision ids left out."""
+VL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hidden: int = 64, layers: int = 2,
+                        max_pixels: int = 28 * 28 * 16) -> Path:
+    """Build and save a seeded random Qwen2.5-VL (2-layer text model, 2-block vision tower) with its
+    processor, offline: `tokenizer` names a Qwen tokenizer directory (e.g. the real Qwen3 / Qwen2.5 one),
+    else a character-level tokenizer over printable ASCII plus Qwen's chat and vision tokens is written.
+    Images are resized to at most `max_pixels` (16 merged patches, so 16 image tokens, by default)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        chars = [chr(c) for c in range(32, 127)] + ["\n"]
+        tok_model = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + tuple(chars))},
+                                               unk_token="<unk>"))
+        tok_model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok_model.decoder = decoders.Fuse()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok_model, pad_token="<pad>", eos_token="<|im_end|>",
+                                      unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": [t for t in VL_TOKENS if t not in tok.get_vocab()]})
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else "<pad>"
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = VL_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_TOKENS}
+    try:  # the PIL image processor needs no torchvision (transformers' Qwen2-VL processor does, for videos)
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    images = ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=max_pixels)
+    heads = 4
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=tok.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[1], window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=ids["<|im_end|>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(directory)
+    images.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    return directory
+
+
+def launch_rank() -> int:
+    """This process's rank when a launcher (torchrun) started one `rlcore run` per rank, else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def build_model_dir(path: Path, build: Callable[[Path], Any], timeout_s: float = 1800.0) -> None:
+    """Create the model directory `path` with `build(directory)` unless it holds a config.json: into a
+    temporary sibling renamed into place, so a reader never sees half a model. Under torchrun only rank 0
+    builds; the other ranks wait until it has."""
+    if (path / "config.json").exists():
+        return
+    if launch_rank() != 0:
+        deadline = time.monotonic() + timeout_s
+        while not (path / "config.json").exists():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"rank 0 did not build the model in {path} within {timeout_s:g} s")
+            time.sleep(0.2)
+        return
+    tmp = path.with_name(path.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
+    tmp.replace(path)
+
+
 def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
     """Turn the `trainer.model` option into a ModelSpec with its tokenizer loaded."""
     if not model:
         path = run_dir / "model"
-        if not (path / "config.json").exists():
-            build_tiny_model(path, seed=seed)
+        build_model_dir(path, lambda d: build_tiny_model(d, seed=seed))
+        return ModelSpec(path=str(path), tokenizer=load_tokenizer(str(path)))
+    if model == EMBEDDED_VL:
+        path = run_dir / "model"
+        build_model_dir(path, lambda d: build_tiny_vl_model(d, seed=seed))
         return ModelSpec(path=str(path), tokenizer=load_tokenizer(str(path)))
     p = Path(model).expanduser()
     gguf_file = None
@@ -86,7 +193,8 @@ def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
         raise ConfigError(f"--model {model!r} does not exist: pass a local model directory, a .gguf file, "
                           "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct (needs network)")
     if gguf_file:
-        local = dequantize_gguf(p, gguf_file, run_dir / "model")
+        local = run_dir / "model"
+        build_model_dir(local, lambda d: dequantize_gguf(p, gguf_file, d))
         return ModelSpec(path=str(local), tokenizer=load_tokenizer(str(local)))
     path = str(p) if p.exists() else model
     return ModelSpec(path=path, tokenizer=load_tokenizer(path))
@@ -130,8 +238,13 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
-    """Load the policy as a transformers causal LM on `device`."""
-    from transformers import AutoModelForCausalLM
+    """Load the policy as a transformers causal LM (or image-text-to-text model, e.g. Qwen2.5-VL) on `device`."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+    except ValueError as e:  # "Unrecognized configuration class": a vision-language model
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        model = AutoModelForImageTextToText.from_pretrained(spec.path, dtype=dtype)
     return model.to(device)

@@ -105,6 +105,8 @@ class RolloutBatch:
             (len(self.prompts) == B and len(self.texts) == B, f"prompts ({len(self.prompts)}) and texts ({len(self.texts)}) must have {B} entries"),
             (bool(((self.response_mask > 0) <= (self.attention_mask > 0)).all()), "response_mask marks a token outside attention_mask"),
             (bool(torch.isfinite(self.rollout_logprobs).all()), "rollout_logprobs holds NaN or inf"),
+            (self.multimodal is None or len(self.multimodal) == B,
+             f"multimodal must hold one dict per sample ({B}), not {len(self.multimodal or [])}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -73,3 +73,19 @@ def test_fsdp_under_torchrun(tmp_path: Path, rlcore_tiny_model: Path) -> None:
            "--set", "backend.lr=2e-3", *SMALL, launcher=torchrun)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert len(list((run_dir / "checkpoints" / "step_000002" / "backend" / "dcp").glob("*.distcp"))) == 2
+
+
+@pytest.mark.slow
+def test_lora_on_fsdp_under_torchrun_builds_the_embedded_model_once(tmp_path: Path) -> None:
+    """Both ranks resolve the embedded tiny model in the same run directory: rank 0 builds it (atomically)
+    and writes config.yaml, rank 1 waits for it; the adapters train on 2 FSDP ranks."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlcore"]
+    run_dir = tmp_path / "run"
+    rlcore("run", "--backend", "lora", "--set", "backend.base=fsdp", "--set", "backend.rank=4", "--run-dir", run_dir,
+           "--steps", 2, "--set", "backend.lr=1e-2", *SMALL, launcher=torchrun)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "model" / "config.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("model")) == ["model"]
+    backend = run_dir / "checkpoints" / "step_000002" / "backend"
+    assert (backend / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(list((backend / "dcp").glob("*.distcp"))) == 2

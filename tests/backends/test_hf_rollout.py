@@ -155,3 +155,44 @@ def test_options_are_validated() -> None:
     assert build_options(HFRollout.Options, {"max_rows_per_generate": "8"}, "rollout").max_rows_per_generate == 8
     with pytest.raises(ConfigError, match="max_turns=0 must be at least 1"):
         build_options(HFRollout.Options, {"max_turns": 0}, "rollout")
+
+
+@pytest.mark.parametrize("block", [16, 1024])  # several blocks and a ragged last one; one partial block
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.6)])
+def test_sampler_draws_softmax_with_top_p_and_reports_untruncated_logprobs(
+        monkeypatch: pytest.MonkeyPatch, block: int, temperature: float, top_p: float) -> None:
+    """The rollout's sampler draws from softmax(logits / T) after transformers' top-p rule, its logprob is
+    log_softmax(logits / T) at the token, and greedy generation then picks exactly that token."""
+    from transformers import TopPLogitsWarper
+
+    from rlcore_backends.hf_rollout import Sampler
+
+    monkeypatch.setattr(Sampler, "BLOCK", block)
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 50, 40_000
+    logits = torch.randn(1, vocab, generator=gen) * 1.5
+    logits[0, 7] = float("-inf")
+    torch.manual_seed(0)
+    sampler = Sampler(temperature, top_p)
+    scores = sampler(torch.zeros(rows, 1, dtype=torch.long), logits.expand(rows, vocab).clone())
+    tokens = scores.argmax(-1)
+    assert torch.equal(scores.isfinite().sum(-1), torch.ones(rows, dtype=torch.long))
+    expected_lp = torch.log_softmax(logits / temperature, -1)[0]
+    torch.testing.assert_close(sampler.logprobs[0], expected_lp[tokens], atol=1e-5, rtol=0)
+    warped = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature
+    p = torch.softmax(warped.double(), -1)[0]
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[p == 0].sum() == 0, "a token outside the support (or top-p nucleus) was drawn"
+    seen = p * rows >= 5
+    chi2 = float(((counts[seen] - rows * p[seen]) ** 2 / (rows * p[seen])).sum())
+    assert chi2 < 2 * int(seen.sum()) + 30, chi2  # ~ dof ± a few sd; a wrong distribution gives thousands
+
+
+def test_sampler_greedy_takes_the_argmax_with_temperature_one_logprobs() -> None:
+    from rlcore_backends.hf_rollout import Sampler
+
+    logits = torch.randn(4, 30)
+    sampler = Sampler(0.0, 1.0)
+    tokens = sampler(torch.zeros(4, 1, dtype=torch.long), logits.clone()).argmax(-1)
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(sampler.logprobs[0], torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])

@@ -148,3 +148,7 @@ def test_options() -> None:
     assert opts.rank == 8 and opts.target_modules == ["q_proj", "v_proj"] and opts.lr == 1e-5
     with pytest.raises(ConfigError, match="backend.sync: expected one of 'merged', 'adapter'"):
         build_options(LoRABackend.Options, {"sync": "full"}, "backend")
+    opts = build_options(LoRABackend.Options, {"base": "fsdp", "world_size": "4"}, "backend")
+    assert opts.base == "fsdp" and opts.world_size == 4 and LoRABackend.Options().base == "torch"
+    with pytest.raises(ConfigError, match="backend.base: expected one of 'torch', 'fsdp'"):
+        build_options(LoRABackend.Options, {"base": "megatron"}, "backend")

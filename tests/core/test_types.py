@@ -58,3 +58,21 @@ def test_validate_names_the_problem():
     b.rollout_logprobs[0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         b.validate()
+
+
+def test_multimodal_inputs_follow_their_samples():
+    """Per-sample vision inputs stay with their sample through select, split, concat and pickling."""
+    b = make_batch(groups=2, n=2, seed=7)
+    b.multimodal = [{"pixel_values": torch.full((i + 1, 3), float(i)), "image_grid_thw": torch.tensor([[1, 2, i + 2]])}
+                    for i in range(len(b))]
+    b.validate()
+    assert [int(m["pixel_values"][0, 0]) for m in b.select([3, 1]).multimodal] == [3, 1]
+    assert [[int(m["pixel_values"][0, 0]) for m in p.multimodal] for p in b.split(3)] == [[0, 1, 2], [3]]
+    text_only = make_batch(groups=1, n=2, seed=8)
+    j = RolloutBatch.concat([b, text_only])
+    j.validate()
+    assert len(j.multimodal) == 6 and j.multimodal[4:] == [{}, {}]
+    assert torch.equal(pickle.loads(pickle.dumps(j)).multimodal[2]["pixel_values"], b.multimodal[2]["pixel_values"])
+    b.multimodal = b.multimodal[:3]
+    with pytest.raises(DataError, match="multimodal"):
+        b.validate()

@@ -14,6 +14,7 @@ from rlcore_cli import rlcore
 
 from rlcore.cli import main
 from rlcore.metrics import MetricsLog
+from rlcore.models import EMBEDDED_VL
 from rlcore.plugins import available
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,8 @@ def test_recipe_dry_runs_with_consistent_parallel_sizes(recipe, monkeypatch):
     if "npu" in recipe:
         assert plugins["hardware"] == "npu"
     if recipe.split("/")[-1].startswith("cpu"):
-        assert plugins["hardware"] == "cpu" and not config["trainer"]["model"], "CPU recipes use the embedded model"
+        assert plugins["hardware"] == "cpu" and config["trainer"]["model"] in ("", EMBEDDED_VL), \
+            "CPU recipes use the embedded model (the embedded vision-language model for image tasks)"
 
 
 def test_every_recipe_has_a_line_in_the_readme():
@@ -82,6 +84,7 @@ def test_every_recipe_has_a_line_in_the_readme():
     ("gsm8k-multiturn/cpu.yaml", ["rollout/turns", "rollout/tool_calls"]),
     ("gsm8k-multiturn/cpu-dapo-code.yaml", ["score/has_code", "filter/extra_rounds"]),
     ("math-gmpo/cpu.yaml", ["score/correct", "score/timeout"]),
+    ("geo3k-multiturn/cpu.yaml", ["score/correct", "score/format", "mismatch/abs_diff_max", "rollout/turns"]),
 ])
 def test_cpu_recipe_runs(recipe, expect, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)

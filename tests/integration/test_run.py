@@ -30,6 +30,8 @@ def test_run_writes_config_metrics_checkpoints_summary(tmp_path):
     required = {"step", "reward/mean", "reward/std", "loss", "entropy", "clip_frac", "approx_kl",
                 "response_length/mean", "tokens_per_s", "timing/sample", "timing/update", "timing/step"}
     assert required <= set(rows[0]), required - set(rows[0])
+    # hf samples with the trainer's own fp32 weights: its logprobs must match the trainer's on every step
+    assert all(r["mismatch/abs_diff_max"] < 1e-4 and abs(r["mismatch/iw_mean"] - 1) < 1e-4 for r in rows)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["last_checkpoint"].endswith("step_000003")
@@ -87,9 +89,10 @@ def test_default_run_learns(tmp_path):
 def test_validation_every_n_steps(tmp_path):
     run_dir = tmp_path / "val"
     rlcore("run", "--run-dir", run_dir, "--steps", 4, *SMALL, "--set", "trainer.eval_every=2",
-           "--set", "trainer.eval_limit=8", "--set", "trainer.save_every=0")
+           "--set", "trainer.eval_limit=8", "--set", "trainer.save_every=0", "--set", "trainer.log_mismatch=false")
     rows = MetricsLog.read(run_dir / "metrics.jsonl")
     assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
+    assert not any(k.startswith("mismatch/") for r in rows for k in r)  # switched off: no extra forward
     assert all(0.0 <= r["eval/pass@1"] <= 1.0 for r in rows if "eval/pass@1" in r)
 
 

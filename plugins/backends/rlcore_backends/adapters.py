@@ -62,6 +62,34 @@ def merged_state_dict(peft_model: Any) -> dict[str, Tensor]:
     return merged
 
 
+def lora_scalings(peft_model: Any) -> dict[str, float]:
+    """alpha / r of every adapted layer, by its base weight's name in the peft model's state dict
+    (`base_model.model.<module>.base_layer.weight`)."""
+    return {f"{name}.base_layer.weight": float(module.scaling[ADAPTER])
+            for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+
+
+@torch.no_grad()
+def merge_full_state(state: dict[str, Tensor], scalings: dict[str, float]) -> dict[str, Tensor]:
+    """The peft model's full state dict (`state`, as `get_model_state_dict` gathers it) as the base model's
+    full weights with each adapter merged in (W + B A * alpha / r), under the base model's names."""
+    merged = {}
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            continue
+        if name in scalings:
+            stem = name.removesuffix("base_layer.weight")
+            a, b = state[f"{stem}lora_A.{ADAPTER}.weight"], state[f"{stem}lora_B.{ADAPTER}.weight"]
+            tensor = tensor + (b.to(tensor.dtype) @ a.to(tensor.dtype)) * scalings[name]
+        merged[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
+    return merged
+
+
+def adapter_state_from_full(peft_model: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapters under peft's file names, picked from the peft model's full state dict `state`."""
+    return dict(get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=ADAPTER))
+
+
 def load_adapters(peft_model: Any, directory: Path, device: torch.device) -> None:
     """Copy the adapters `save_pretrained` wrote to `directory` into `peft_model`."""
     saved = load_file(directory / "adapter_model.safetensors", device=str(device))

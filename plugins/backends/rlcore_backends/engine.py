@@ -120,7 +120,8 @@ def build_batch(prompts: Sequence[Prompt], prompt_ids: list[list[int]], completi
 
 def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params: SamplingParams,
               tools: Sequence[Tool] = (), max_turns: int = 1, max_tool_response_tokens: int = 256,
-              tool_timeout: float = 30.0) -> RolloutBatch:
+              tool_timeout: float = 30.0, rendered: Sequence[list[int]] | None = None,
+              multimodal: Sequence[dict[str, Tensor]] | None = None) -> RolloutBatch:
     """`params.n` samples per prompt: one engine call when there are no tools, else the multi-turn tool loop.
 
     With tools, each sample alternates assistant turns and tool-role turns (hermes `<tool_call>` blocks
@@ -129,16 +130,27 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
     `params.max_new_tokens` tokens, which bounds the whole response (all turns and tool output).
     `batch.info[i]` then counts `turns`, `tool_calls` and `tool_errors` (failed calls, answered with error
     text the model reads) and sums the tools' step rewards as `tool_reward`.
+
+    Vision-language prompts come `rendered` (token ids per prompt, image tokens included) with their
+    `multimodal` inputs (one dict per prompt): each `engine.generate` call then gets the inputs of its rows
+    as `multimodal=`, and the batch keeps them per sample.
     """
     prompts = list(prompts)
+    mm = [m for m in multimodal for _ in range(params.n)] if multimodal is not None else None
     if not tools:
-        prompt_ids = [render(tokenizer, p) for p in prompts for _ in range(params.n)]
-        return build_batch(prompts, prompt_ids, engine.generate(prompt_ids, params), tokenizer, params, params.n)
+        prompt_ids = [list(rendered[k]) if rendered is not None else render(tokenizer, p)
+                      for k, p in enumerate(prompts) for _ in range(params.n)]
+        extra = {"multimodal": mm} if mm is not None else {}
+        batch = build_batch(prompts, prompt_ids, engine.generate(prompt_ids, params, **extra), tokenizer, params,
+                            params.n)
+        batch.multimodal = mm
+        return batch
     if not tokenizer.chat_template:
         raise RLCoreError("multi-turn tool calls need a tokenizer with a chat template (to render tool turns); "
                           "use a chat model or a task without tools")
     schemas = [t.schema() for t in tools]
-    prompt_ids = [render(tokenizer, p, p.tools or schemas) for p in prompts for _ in range(params.n)]
+    prompt_ids = [list(rendered[k]) if rendered is not None else render(tokenizer, p, p.tools or schemas)
+                  for k, p in enumerate(prompts) for _ in range(params.n)]
     samples = [_Sample(p) for p in prompts for _ in range(params.n)]
     runner = ToolRunner(tools, timeout=tool_timeout)
     try:
@@ -146,8 +158,9 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
         for turn in range(max_turns):
             budgets = [params.max_new_tokens - len(samples[i].tokens) for i in active]
             seed = None if params.seed is None else params.seed + turn * len(samples)  # fresh seeds every turn
+            extra = {"multimodal": [mm[i] for i in active]} if mm is not None else {}
             outs = engine.generate([prompt_ids[i] + samples[i].tokens for i in active],
-                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed))
+                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed), **extra)
             calling: list[int] = []
             for i, budget, out in zip(active, budgets, outs):
                 sample = samples[i]
@@ -180,8 +193,10 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
     completions = [Completion(s.tokens, s.logprobs, s.finish) for s in samples]
     info = [{"turns": s.turns, "tool_calls": s.tool_calls, "tool_errors": s.tool_errors,
              "tool_reward": s.tool_reward} for s in samples]
-    return build_batch(prompts, prompt_ids, completions, tokenizer, params, params.n,
-                       loss_masks=[s.loss_mask for s in samples], info=info)
+    batch = build_batch(prompts, prompt_ids, completions, tokenizer, params, params.n,
+                        loss_masks=[s.loss_mask for s in samples], info=info)
+    batch.multimodal = mm
+    return batch
 
 
 @attrs.define

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,10 @@ import torch
 
 from rlcore import ModelSpec
 from rlcore.models import load_model
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+"""Files of a model directory that hold its processor (images) rather than its weights or tokenizer."""
 
 
 def write_model_dir(model: Any, tokenizer: Any, out: Path) -> Path:
@@ -18,6 +23,10 @@ def write_model_dir(model: Any, tokenizer: Any, out: Path) -> Path:
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+        source = Path(getattr(tokenizer, "name_or_path", "") or "")
+        for name in PROCESSOR_FILES:  # a vision-language model's image processor goes with it
+            if source.is_dir() and (source / name).is_file() and source.resolve() != out.resolve():
+                shutil.copyfile(source / name, out / name)
     return out
 
 

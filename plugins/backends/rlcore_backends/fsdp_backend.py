@@ -25,7 +25,7 @@ from rlcore import PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore_backends.export import load_cpu_model, write_model_dir
-from rlcore_backends.fsdp_worker import DCP_DIR, FSDPWorker, RankSpec, torchrun_rank
+from rlcore_backends.fsdp_worker import DCP_DIR, FSDPWorker, LoRASpec, RankSpec, torchrun_rank
 from rlcore_backends.micro_batches import rank_shards
 from rlcore_backends.train_options import TrainOptions
 from rlcore_backends.worker_group import SpawnedGroup, TorchrunGroup, serve_ranks
@@ -52,13 +52,16 @@ class FSDPBackend:
         """Seconds to wait for a worker's reply (and for a collective) before stopping the workers with an
         error; a worker that dies is reported at once."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, lora: LoRASpec | None = None) -> None:
         self.options = options
+        self.lora = lora
+        """LoRA adapters to train instead of every parameter (the lora backend with `base: fsdp` sets it)."""
         self.group: Any = None
         self.store: Any = None
         """The spawned ranks' rendezvous server (a TCPStore on 127.0.0.1), alive as long as they are."""
         self.steps = 0
-        self._weights: tuple[int, dict[str, Tensor]] | None = None
+        self._weights: tuple[Any, dict[str, Tensor]] | None = None
+        self._adapter_config: dict[str, Any] | None = None
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
@@ -105,11 +108,27 @@ class FSDPBackend:
 
     @hookimpl
     def policy_weights(self) -> Weights:
-        """The full state dict, gathered from the shards onto this process's CPU once per version."""
+        """The full state dict, gathered from the shards onto this process's CPU once per version (under
+        LoRA: merged or adapters, as the lora backend's `sync` option says)."""
+        if self.lora is not None:
+            return self.lora_weights(merged=self.options.sync == "merged")
         if self._weights is None or self._weights[0] != self.steps:
             self._weights = (self.steps, self.group.call("full_state_dict", self._no_args()))
         state = self._weights[1]
         return Weights(named_tensors=lambda: iter(state.items()), version=self.steps)
+
+    def lora_weights(self, merged: bool) -> Weights:
+        """LoRA: full weights with the adapters merged, or the adapters alone with their peft config."""
+        key = (self.steps, merged)
+        if self._weights is None or self._weights[0] != key:
+            self._weights = (key, self.group.call("lora_state", [{"merged": merged}] * self.group.world_size))
+        state = self._weights[1]
+        if merged:
+            return Weights(named_tensors=lambda: iter(state.items()), version=self.steps)
+        if self._adapter_config is None:
+            self._adapter_config = self.group.call("adapter_config", self._no_args())
+        return Weights(named_tensors=lambda: iter(state.items()), version=self.steps, adapter=True,
+                       adapter_config=self._adapter_config)
 
     @hookimpl
     def save_state(self, directory: Path) -> None:
@@ -143,7 +162,7 @@ class FSDPBackend:
     def _rank_spec(self, ctx: RunContext, rank: int, local_rank: int, world_size: int) -> RankSpec:
         return RankSpec(model_path=ctx.model.path, options=self.options, rank=rank, world_size=world_size,
                         device=ctx.hardware.device(local_rank), collective=ctx.hardware.collective_backend(),
-                        seed=ctx.seed)
+                        seed=ctx.seed, lora=self.lora)
 
     def _no_args(self) -> list[dict[str, Any]]:
         return [{} for _ in range(self.group.world_size)]

@@ -8,9 +8,11 @@ gradients in every backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,18 @@ DCP_DIR = "dcp"
 """The sharded model and optimizer state inside a checkpoint (torch.distributed.checkpoint format)."""
 TRAINER_FILE = "trainer.pt"
 """Scheduler state and step count inside a checkpoint."""
+ADAPTER_DIR = "adapter"
+"""LoRA on fsdp: the adapters inside a checkpoint, in peft's `save_pretrained` format (as the lora backend's)."""
+
+
+@attrs.frozen
+class LoRASpec:
+    """peft LoRA adapters to train on the frozen base (the lora backend with `base: fsdp`)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
 
 
 @attrs.frozen
@@ -57,6 +71,8 @@ class RankSpec:
     """Port of the driver's TCPStore on 127.0.0.1 (spawned ranks); None: torchrun's env:// rendezvous."""
     threads: int = 0
     """CPU threads for this rank (0: leave torch's default)."""
+    lora: LoRASpec | None = None
+    """Train only LoRA adapters (peft-wrapped before sharding); None: every parameter."""
 
 
 def shard_model(model: torch.nn.Module, mesh: Any, options: Any) -> torch.nn.Module:
@@ -97,7 +113,14 @@ class FSDPWorker:
         model = self._load()
         if self.options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.lora = spec.lora
+        if self.lora is not None:  # peft first: fully_shard then shards base weights and adapters alike
+            from rlcore_backends.adapters import add_lora, lora_scalings
+
+            model = add_lora(model, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.target_modules)
+            self.scalings = lora_scalings(model)
         self.model = shard_model(model, self.mesh, self.options)
+        # AdamW over the parameters that require grad: the adapters alone under LoRA.
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.options)
         self.reference: Any = None
         self.steps = 0
@@ -118,14 +141,14 @@ class FSDPWorker:
 
     def logprobs(self, shard: RolloutBatch, reference: bool) -> list[Tensor] | None:
         """No-grad logprobs of this rank's shard; rank 0 gets every rank's, in rank order."""
-        model = self._reference() if reference else self.model.eval()
         passes = micro_batches.plan(shard, self.options.micro_batch_tokens)
         out = torch.zeros(shard.response_ids.shape)
-        for i in range(self._max_over_ranks(len(passes))):
-            mb = passes[min(i, len(passes) - 1)]
-            part = logprobs_pass(model, micro_batches.take(shard, mb).to(self.device), self._autocast())
-            if i < len(passes):
-                out[mb.start:mb.stop, :mb.response_width] = part.cpu()
+        with self._scoring_model(reference) as model:
+            for i in range(self._max_over_ranks(len(passes))):
+                mb = passes[min(i, len(passes) - 1)]
+                part = logprobs_pass(model, micro_batches.take(shard, mb).to(self.device), self._autocast())
+                if i < len(passes):
+                    out[mb.start:mb.stop, :mb.response_width] = part.cpu()
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(out, gathered, dst=0)
         return gathered
@@ -135,11 +158,32 @@ class FSDPWorker:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.rank == 0 else None
 
+    def lora_state(self, merged: bool) -> dict[str, Tensor] | None:
+        """LoRA: on rank 0, the full weights with the adapters merged (base model names), or the adapters
+        alone (peft names); None on the other ranks. Gathered from the shards, computed on the CPU."""
+        from rlcore_backends.adapters import adapter_state_from_full, merge_full_state
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return merge_full_state(state, self.scalings) if merged else adapter_state_from_full(self.model, state)
+
+    def adapter_config(self) -> dict[str, Any]:
+        """LoRA: the adapter's peft config as JSON data."""
+        from rlcore_backends.adapters import adapter_config
+
+        return adapter_config(self.model)
+
     def save(self, directory: Path) -> None:
         """Sharded model and optimizer state through torch.distributed.checkpoint (every rank writes its
-        shard), plus the scheduler and step count from rank 0."""
+        shard; under LoRA the adapters only), plus the scheduler and step count from rank 0, and under
+        LoRA the adapters in peft format (`adapter/`, for `rlcore export` and peft users)."""
         state = self._sharded_state()
         dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+        if self.lora is not None:
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:
+                self.model.save_pretrained(Path(directory) / ADAPTER_DIR, state_dict=full)
         if self.rank == 0:
             torch.save({"scheduler": self.scheduler.state_dict(), "steps": self.steps}, Path(directory) / TRAINER_FILE)
         dist.barrier()
@@ -152,7 +196,7 @@ class FSDPWorker:
         self.steps = trainer["steps"]
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR))
-        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=self.lora is None))
         if "optim" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.load_state_dict(trainer["scheduler"])
@@ -198,7 +242,8 @@ class FSDPWorker:
     def _idle_pass(self, part: RolloutBatch) -> None:
         """A zero-weight forward and backward, so this rank joins the collectives of a busier rank's pass."""
         with self._autocast():
-            logits = response_logits(self.model, *part.sequences(), part.response_ids.shape[1], part.temperature)
+            logits = response_logits(self.model, *part.sequences(), part.response_ids.shape[1], part.temperature,
+                                     part.multimodal)
         (logits.mean() * 0.0).backward()
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -208,16 +253,28 @@ class FSDPWorker:
         hf_logging.disable_progress_bar()  # one bar per rank would interleave with the run's output
         return load_model(ModelSpec(path=self.spec.model_path), torch.float32, "cpu")
 
-    def _reference(self) -> torch.nn.Module:
-        """The frozen starting policy, sharded like the policy, loaded on first use."""
-        if self.reference is None:
-            self.reference = shard_model(self._load().requires_grad_(False), self.mesh, self.options).eval()
-        return self.reference
+    @contextlib.contextmanager
+    def _scoring_model(self, reference: bool) -> Iterator[torch.nn.Module]:
+        """The policy in eval mode, or the frozen starting policy: under LoRA the policy with its adapters
+        disabled, else a second sharded copy loaded on first use."""
+        if not reference:
+            yield self.model.eval()
+        elif self.lora is not None:
+            with self.model.disable_adapter():
+                yield self.model.eval()
+        else:
+            if self.reference is None:
+                self.reference = shard_model(self._load().requires_grad_(False), self.mesh, self.options).eval()
+            yield self.reference
 
     def _sharded_state(self) -> dict[str, Any]:
-        """The model's (and, once it has taken a step, the optimizer's) sharded state dicts. An optimizer
-        without steps is left out: asking DCP for its state would initialise it with a fake step."""
-        state: dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        """The model's (and, once it has taken a step, the optimizer's) sharded state dicts; under LoRA the
+        model's adapters only (the base is the run's model). An optimizer without steps is left out: asking
+        DCP for its state would initialise it with a fake step."""
+        model = get_model_state_dict(self.model)
+        if self.lora is not None:
+            model = {name: t for name, t in model.items() if ".lora_" in name}
+        state: dict[str, Any] = {"model": model}
         if self.steps:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         return state

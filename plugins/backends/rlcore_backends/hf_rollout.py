@@ -17,7 +17,7 @@ from typing import Any, Literal
 import attrs
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
@@ -25,7 +25,7 @@ from rlcore.context import RunContext
 from rlcore.errors import RLCoreError
 from rlcore.models import load_model
 from rlcore_backends.engine import Completion, TurnOptions, pad, run_turns
-from rlcore_backends.logprobs import token_logprobs
+from rlcore_backends.vision import cut_at_placeholders, load_processor, render_with_images, vision_inputs
 from rlcore_backends.weights import copy_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,6 +49,81 @@ class StopStrings(StoppingCriteria):
         return (self.stopped_at > 0).to(input_ids.device)
 
 
+class Sampler(LogitsProcessor):
+    """Samples each step's token itself and records its logprob; `generate` then runs greedily on the result.
+
+    `torch.multinomial` (what `generate(do_sample=True)` calls) draws one exponential variate per vocabulary
+    entry on the CPU: with a 150k vocabulary that costs more than the model's forward pass for a small model.
+    This draws one uniform per row and inverts the float64 CDF of softmax(logits / temperature) (after top-p
+    truncation, with transformers' `TopPLogitsWarper` rule), which is the same distribution; the logprob is
+    log_softmax(logits / temperature) at the token, before top-p, as the trainer computes it. It returns scores
+    that are -inf except at the chosen token, so greedy selection picks it. It is the last logits processor, so
+    it sees what the model's own configured processors left (none with the rollout's neutral config). It keeps
+    one [rows] tensor per step instead of `output_logits`' [rows, vocab].
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature, self.top_p = temperature, top_p
+        self.logprobs: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        x = scores.float()
+        if self.temperature <= 0:  # greedy; logprobs at temperature 1
+            token = x.argmax(-1)
+            self.logprobs.append(x.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(x, -1))
+        else:
+            if self.temperature != 1.0:
+                x = x / self.temperature
+            top = x.max(-1, keepdim=True).values
+            weights = torch.exp(x - top)
+            log_total = None
+            if self.top_p < 1.0:
+                log_total = torch.log(weights.sum(-1))
+                weights = weights.masked_fill(self._outside_top_p(x), 0.0)
+            token, total = self._inverse_cdf(weights)
+            if log_total is None:  # no truncation: the sampling total is the softmax normaliser
+                log_total = torch.log(total).float()
+            self.logprobs.append(x.gather(-1, token[:, None]).squeeze(-1) - top.squeeze(-1) - log_total)
+        return scores.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)
+
+    BLOCK = 1024
+
+    @classmethod
+    def _inverse_cdf(cls, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """One token per row with probability proportional to `weights` [rows, V] (>= 0, a positive sum),
+        and the float64 sum of each row's weights.
+
+        Two levels, so that nothing sequential runs over the whole vocabulary: the float64 CDF of block sums
+        picks a block, then the float64 CDF inside that block picks the token.
+        """
+        rows, vocab = weights.shape
+        full = vocab // cls.BLOCK * cls.BLOCK
+        sums = weights[:, :full].reshape(rows, -1, cls.BLOCK).sum(-1)
+        if full < vocab:
+            sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
+        sums = sums.double()
+        block_cdf = sums.cumsum(-1)
+        u = torch.rand((rows, 1), dtype=torch.float64, device=weights.device) * block_cdf[:, -1:]
+        block = torch.searchsorted(block_cdf, u, right=True).clamp(max=sums.shape[1] - 1)
+        # the block's last non-empty one when rounding put u at or past the end
+        block = torch.where(sums.gather(1, block) > 0, block, (block_cdf < block_cdf[:, -1:]).sum(-1, keepdim=True))
+        u = u - (block_cdf.gather(1, block) - sums.gather(1, block))
+        index = block * cls.BLOCK + torch.arange(cls.BLOCK, device=weights.device)
+        inside = index < vocab
+        cdf = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(~inside, 0.0).cumsum(-1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        u = torch.minimum(u.clamp(min=0.0), torch.nextafter(total, torch.zeros_like(total)))
+        offset = torch.searchsorted(cdf, u, right=True).clamp(max=cls.BLOCK - 1)
+        return (block * cls.BLOCK + offset).squeeze(-1), block_cdf[:, -1]
+
+    def _outside_top_p(self, x: Tensor) -> Tensor:
+        """Tokens outside the top-p nucleus (transformers' `TopPLogitsWarper`: at least one token is kept)."""
+        sorted_x, order = torch.sort(x, descending=False)
+        remove = sorted_x.softmax(-1).cumsum(-1) <= (1 - self.top_p)
+        remove[..., -1:] = False
+        return remove.scatter(-1, order, remove)
+
+
 class HFEngine:
     """The `Engine` over a transformers model: batched `generate` calls with left-padded prompts."""
 
@@ -57,27 +132,31 @@ class HFEngine:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.device, self.max_rows = device, max_rows
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt, `max_rows` prompts per `generate` call."""
-        return [c for i in range(0, len(prompts), self.max_rows)
-                for c in self._generate(prompts[i:i + self.max_rows], params)]
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 multimodal: list[dict[str, Tensor]] | None = None) -> list[Completion]:
+        """One completion per prompt, `max_rows` prompts per `generate` call; `multimodal` holds each
+        prompt's vision inputs (see `vision.vision_inputs`) for a vision-language model, whose completions
+        end before any image placeholder token they sample."""
+        out = [c for i in range(0, len(prompts), self.max_rows)
+               for c in self._generate(prompts[i:i + self.max_rows], params,
+                                       multimodal[i:i + self.max_rows] if multimodal else None)]
+        return cut_at_placeholders(self.model, out) if multimodal else out
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  multimodal: list[dict[str, Tensor]] | None = None) -> list[Completion]:
         rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
         input_ids = pad(rows, self.tokenizer.pad_token_id, left=True).to(self.device)
         mask = pad([torch.ones_like(r) for r in rows], 0, left=True).to(self.device)
         stop = StopStrings(self.tokenizer, params.stop, input_ids.shape[1], len(rows)) if params.stop else None
-        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0} \
-            if params.temperature > 0 else {"do_sample": False}
+        sampler = Sampler(params.temperature, params.top_p)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, use_cache=True,
-            output_logits=True, return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([stop] if stop else []), **sampling)
-        temperature = params.temperature if params.temperature > 0 else 1.0
+            do_sample=False, return_dict_in_generate=True, logits_processor=LogitsProcessorList([sampler]),
+            stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+            **vision_inputs(self.model, input_ids, multimodal))
         new = out.sequences[:, input_ids.shape[1]:]
-        logprobs = torch.stack([token_logprobs(step.float() / temperature, new[:, t])
-                                for t, step in enumerate(out.logits)], dim=1).cpu()
         generated, width = new.cpu(), new.shape[1]
+        logprobs = torch.stack(sampler.logprobs[:width], dim=1).cpu() if width else torch.zeros(len(rows), 0)
         is_eos = torch.isin(generated, torch.tensor(self.eos_ids, dtype=torch.long))
         never = width + 1
         eos_len = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, never)
@@ -106,6 +185,8 @@ class HFRollout:
         self.engine: HFEngine | None = None
         self.model: Any = None
         self.tokenizer: Any = None
+        self.processor: Any = None
+        self.spec_path = ""
         self.device = torch.device("cpu")
 
     @hookimpl
@@ -113,7 +194,7 @@ class HFRollout:
         """Load the model on the hardware's device and replace its generation defaults by a neutral config."""
         self.device = ctx.hardware.device()
         self.model = load_model(ctx.model, DTYPES[self.options.dtype], self.device).eval().requires_grad_(False)
-        self.tokenizer = ctx.model.tokenizer
+        self.tokenizer, self.spec_path = ctx.model.tokenizer, ctx.model.path
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         eos_ids = sorted((set(eos) | {self.tokenizer.eos_token_id}) - {None})
@@ -126,12 +207,27 @@ class HFRollout:
         sample's `finish_reason` (eos, stop or length) and the text keeps the stop string. With tools, the
         multi-turn tool loop of `run_turns` (tool output masked out of the loss)."""
         if any(p.images for p in prompts):
-            raise RLCoreError("the hf rollout does not pass images to vision-language models yet: choose a "
-                              "text-only task, or a rollout plugin that supports images")
+            return self._sample_images(prompts, params, tools)
         o = self.options
         with self._rng(params.seed):
             return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
                              max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout)
+
+    def _sample_images(self, prompts: Sequence[Prompt], params: SamplingParams,
+                       tools: Sequence[Tool]) -> RolloutBatch:
+        """Prompts with images (vision-language models): the model's processor renders each prompt into ids
+        (image patch tokens included) plus pixel values and image grids, which go to `generate` and into
+        `batch.multimodal` (one dict per sample) for the trainer's forward passes; with tools, the same
+        multi-turn tool loop as text prompts (`run_turns`), each turn generating with the sample's images."""
+        if self.processor is None:
+            self.processor = load_processor(str(self.spec_path), self.tokenizer)
+        schemas = [t.schema() for t in tools]
+        rendered = [render_with_images(self.processor, p, p.tools or schemas) for p in prompts]
+        o = self.options
+        with self._rng(params.seed):
+            return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
+                             max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout,
+                             rendered=[ids for ids, _ in rendered], multimodal=[mm for _, mm in rendered])
 
     @hookimpl
     def sync_weights(self, weights: Weights) -> dict[str, float]:

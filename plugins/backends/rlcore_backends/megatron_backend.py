@@ -23,7 +23,7 @@ from torch import Tensor
 from rlcore import PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
-from rlcore.errors import ConfigError
+from rlcore.errors import ConfigError, RLCoreError
 from rlcore_backends import megatron_checkpoint as ckpt
 from rlcore_backends.megatron_convert import Layout, hf_from_shards
 from rlcore_backends.megatron_model import check_installed
@@ -117,11 +117,13 @@ class MegatronBackend:
     @hookimpl
     def logprobs(self, batch: RolloutBatch, reference: bool) -> Tensor:
         """Logprobs of logits / batch.temperature under the policy (or the frozen starting policy)."""
+        _text_only(batch)
         return self._reported(self.pool.run(Worker.logprobs, batch.to("cpu"), reference)).to(batch.response_ids.device)
 
     @hookimpl
     def update(self, batch: RolloutBatch, loss: PolicyLoss, plan: UpdatePlan) -> dict[str, float]:
         """Epochs x mini-batches of optimizer steps on every rank; metrics as the torch backend reports them."""
+        _text_only(batch)
         start = time.perf_counter()
         metrics = self._reported(self.pool.run(Worker.update, batch.to("cpu"), loss, plan))
         size = math.ceil(len(batch) / plan.mini_batches)
@@ -176,3 +178,10 @@ class MegatronBackend:
     def _reported(answers: list[Any]) -> Any:
         """The answer of the reporting rank (last pipeline stage, tensor rank 0); the others return None."""
         return next(a for a in answers if a is not None)
+
+
+def _text_only(batch: RolloutBatch) -> None:
+    """Megatron's GPT model has no vision tower: refuse a batch with images rather than train on text alone."""
+    if batch.multimodal and any(batch.multimodal):
+        raise RLCoreError("the megatron backend does not take images yet (vision-language models): use the "
+                          "torch or fsdp backend for tasks with images")

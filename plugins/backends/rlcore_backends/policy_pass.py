@@ -9,7 +9,7 @@ from torch import Tensor
 
 from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch
 from rlcore.errors import TrainingError
-from rlcore_backends.logprobs import response_logits, token_entropy, token_logprobs
+from rlcore_backends.logprobs import response_logprobs
 
 
 def loss_norm(mask: Tensor, max_response_length: int) -> LossNorm:
@@ -26,11 +26,10 @@ def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
     `loss`, `entropy` (token mean over the mini-batch) and the loss's own metrics.
     """
     with autocast:
-        logits = response_logits(model, *part.sequences(), part.response_ids.shape[1], part.temperature)
-    with torch.set_grad_enabled(loss.needs_entropy):
-        entropy = token_entropy(logits)
+        logprobs, entropy = response_logprobs(model, *part.sequences(), part.response_ids, part.temperature,
+                                              part.multimodal, entropy_grad=loss.needs_entropy)
     inputs = LossInputs(
-        logprobs=token_logprobs(logits, part.response_ids), advantages=part.advantages, mask=part.response_mask,
+        logprobs=logprobs, advantages=part.advantages, mask=part.response_mask,
         old_logprobs=part.old_logprobs, rollout_logprobs=part.rollout_logprobs, ref_logprobs=part.ref_logprobs,
         entropy=entropy if loss.needs_entropy else None)
     value, loss_metrics = loss(inputs, norm)
@@ -43,8 +42,7 @@ def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
 def logprobs_pass(model: Any, part: RolloutBatch, autocast: torch.autocast) -> Tensor:
     """No-grad logprobs [b, r] of a micro-batch's response tokens (already trimmed and on the model's device)."""
     with torch.no_grad(), autocast:
-        logits = response_logits(model, *part.sequences(), part.response_ids.shape[1], part.temperature)
-    return token_logprobs(logits, part.response_ids)
+        return response_logprobs(model, *part.sequences(), part.response_ids, part.temperature, part.multimodal)[0]
 
 
 def non_finite_error(loss: float, grad_norm: float, step: int, lr: float) -> TrainingError:

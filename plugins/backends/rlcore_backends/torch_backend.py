@@ -26,7 +26,7 @@ from rlcore_backends.export import load_cpu_model, write_model_dir
 from rlcore_backends.policy_pass import logprobs_pass, loss_norm, loss_pass, non_finite_error
 from rlcore_backends.train_options import (TrainOptions, autocast, build_optimizer, enable_gradient_checkpointing,
                                            warmup_factor)
-from rlcore_backends.weights import copy_weights, read_safetensors
+from rlcore_backends.weights import load_saved_weights
 
 __all__ = ["TorchBackend", "warmup_factor"]
 
@@ -100,7 +100,7 @@ class TorchBackend:
     def load_state(self, directory: Path) -> None:
         """Restore what `save_state` wrote into the live model and optimizer, so training resumes bit-identically."""
         directory = Path(directory)
-        copy_weights(self.model, read_safetensors(directory / "model").items())
+        load_saved_weights(self.model, directory / "model")
         self._load_trainer(directory)
 
     @hookimpl

@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +58,37 @@ def row_seeds(seed: int | None, rows: int) -> list[int | None]:
     return [None if seed is None else seed + i for i in range(rows)]
 
 
+class AdapterDirs:
+    """Numbered peft adapter directories (adapter_config.json, adapter_model.safetensors) in a private temporary
+    directory, on tmpfs (/dev/shm) where there is one: vLLM's LoRA loader reads an adapter from a path."""
+
+    def __init__(self) -> None:
+        shm = Path("/dev/shm")
+        self.root = Path(tempfile.mkdtemp(prefix="rlcore-lora-", dir=shm if shm.is_dir() else None))
+        self.count = 0
+
+    def write(self, named: list[tuple[str, Tensor]], config: dict[str, Any]) -> tuple[int, Path]:
+        """A new directory holding these adapters; returns its number (1, 2, ...: vLLM's `lora_int_id`) and path."""
+        from safetensors.torch import save_file
+
+        self.count += 1
+        directory = self.root / f"v{self.count}"
+        directory.mkdir()
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named}
+        save_file(tensors, directory / "adapter_model.safetensors")
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        return self.count, directory
+
+    def drop_older(self, number: int) -> None:
+        """Delete the directories before `number` (the engine has loaded `number`)."""
+        for old in self.root.glob("v*"):
+            if int(old.name[1:]) < number:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class OfflineEngine:
     """vLLM's offline `LLM` colocated with the trainer: the engine runs in its own processes and weights
     reach them through shared memory (`collective_rpc` carries only the block's name and layout)."""
@@ -65,6 +98,10 @@ class OfflineEngine:
         from vllm import LLM
 
         self.stop_token_ids = stop_token_ids
+        self.lora_enabled = bool(engine_args.get("enable_lora"))
+        self.adapters = AdapterDirs() if self.lora_enabled else None
+        self.lora: Any = None
+        """The `LoRARequest` of the adapter last synced (applied to every request), or None."""
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, enforce_eager=True,
                        logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION, disable_log_stats=True,
                        **engine_args)
@@ -77,7 +114,8 @@ class OfflineEngine:
 
         sampling = [VLLMSamplingParams(**request_fields(params, self.stop_token_ids, s))
                     for s in row_seeds(params.seed, len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False,
+                                 lora_request=self.lora)
         completions = []
         for out in outs:
             o = out.outputs[0]
@@ -91,13 +129,36 @@ class OfflineEngine:
         KV came from old weights); returns the seconds the workers spent loading."""
         with shared_weights(named) as (block, layout):
             seconds = self.llm.collective_rpc("rlcore_load_shared", args=(block, layout))
+        if self.lora is not None:  # full weights are the whole policy: an adapter synced before no longer applies
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            self.lora = None
         self.llm.reset_prefix_cache()
         return max(seconds)
+
+    def load_adapter(self, named: list[tuple[str, Tensor]], config: dict[str, Any]) -> float:
+        """Load a LoRA adapter (peft names and config) as a new vLLM adapter that every later request uses,
+        unload the previous one and drop the prefix cache; returns the seconds vLLM took to load it."""
+        from vllm.lora.request import LoRARequest
+
+        number, directory = self.adapters.write(named, config)
+        request = LoRARequest(f"rlcore-{number}", number, str(directory))
+        start = time.perf_counter()
+        if not self.llm.llm_engine.add_lora(request):
+            raise RLCoreError(f"vLLM did not load the adapter written to {directory}")
+        seconds = time.perf_counter() - start
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+        self.lora = request
+        self.adapters.drop_older(number)
+        self.llm.reset_prefix_cache()
+        return seconds
 
     def close(self) -> None:
         """Stop the engine's processes."""
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
+        if self.adapters is not None:
+            self.adapters.close()
 
 
 class ServerEngine:
@@ -112,6 +173,10 @@ class ServerEngine:
         self.process: subprocess.Popen[bytes] | None = None
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-request")
         self.model = ""
+        """The name requests ask for: the served model, or the adapter last synced."""
+        self.lora_enabled = False
+        self.adapters: AdapterDirs | None = None
+        self.adapter_name: str | None = None
 
     @classmethod
     def start(cls, path: str, dtype: str, seed: int, stop_token_ids: list[int], engine_args: dict[str, Any],
@@ -131,10 +196,14 @@ class ServerEngine:
             elif value is not None:
                 args += [flag, str(value)]
         engine = cls(f"http://127.0.0.1:{port}", stop_token_ids, timeout, concurrency)
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        if engine_args.get("enable_lora"):
+            engine.lora_enabled, engine.adapters = True, AdapterDirs()
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the /v1/load_lora_adapter route
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             engine.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
+                                              env=env)
         deadline = time.monotonic() + startup_timeout
         while not engine._healthy():
             if engine.process.poll() is not None:
@@ -174,15 +243,35 @@ class ServerEngine:
         blob = base64.b64encode(safetensors_bytes(named)).decode("ascii")
         try:
             out = self._request("POST", "/collective_rpc", {"method": "rlcore_load_safetensors", "args": [blob]})
+            if self.adapter_name is not None:  # full weights are the whole policy: the old adapter no longer applies
+                self._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter_name})
+                self.model, self.adapter_name = SERVED_NAME, None
             self._request("POST", "/reset_prefix_cache")
         except RLCoreError as e:
             raise RLCoreError(f"the vLLM server at {self.url} refused the weight update ({e}): run it with "
                               f"VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls {EXTENSION}") from None
         return max(float(s) for s in out["results"])
 
+    def load_adapter(self, named: list[tuple[str, Tensor]], config: dict[str, Any]) -> float:
+        """Write the adapter to a local directory, load it with `/v1/load_lora_adapter` under a new name that
+        later requests ask for, unload the previous one and reset the prefix cache; returns the load's seconds."""
+        number, directory = self.adapters.write(named, config)
+        name = f"rlcore-{number}"
+        start = time.perf_counter()
+        self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+        seconds = time.perf_counter() - start
+        if self.adapter_name is not None:
+            self._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter_name})
+        self.model = self.adapter_name = name
+        self.adapters.drop_older(number)
+        self._request("POST", "/reset_prefix_cache")
+        return seconds
+
     def close(self) -> None:
         """Stop the server this engine started (SIGTERM to its process group, SIGKILL after 30 s)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.adapters is not None:
+            self.adapters.close()
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -200,7 +289,8 @@ class ServerEngine:
             return False
 
     def _request(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
-        """JSON request to the server; HTTP and connection errors become RLCoreError with the server's message."""
+        """JSON request to the server (its JSON answer, or its text); HTTP and connection errors become
+        RLCoreError with the server's message."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + route, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
@@ -211,4 +301,9 @@ class ServerEngine:
             raise RLCoreError(f"{method} {route} -> HTTP {e.code}: {e.read()[:500].decode(errors='replace')}") from None
         except (urllib.error.URLError, OSError) as e:
             raise RLCoreError(f"{method} {route} failed: {e}") from None
-        return json.loads(text) if text else None
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:  # a plain-text answer (the LoRA routes answer "Success: ...")
+            return text.decode(errors="replace")

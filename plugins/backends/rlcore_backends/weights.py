@@ -38,3 +38,17 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     for path in sorted(directory.glob("*.safetensors")):
         out.update(load_file(path))
     return out
+
+
+def load_saved_weights(model: torch.nn.Module, directory: Path) -> int:
+    """Copy the weights of a saved model directory into `model`: its safetensors as stored, or, when their
+    names are a checkpoint layout that transformers renames on loading (Qwen2.5-VL saves `visual.*` and
+    `model.layers.*` for its `model.visual.*` and `model.language_model.layers.*`), through `from_pretrained`."""
+    tensors = read_safetensors(directory)
+    names = {name for name, _ in model.named_parameters()}
+    if names <= tensors.keys() | {"lm_head.weight"}:
+        return copy_weights(model, tensors.items())
+    from rlcore import ModelSpec
+    from rlcore.models import load_model
+
+    return copy_weights(model, load_model(ModelSpec(path=str(directory)), torch.float32, "cpu").state_dict().items())

@@ -1,0 +1,80 @@
+"""The chunked LM-head path of `logprobs.response_logprobs` equals the full-logits path, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from rlcore_backends.logprobs import (head_logprobs, plain_head, response_logits, response_logprobs, token_entropy,
+                                      token_logprobs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_match_full_logits_values_and_gradients(bias: bool, temperature: float) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 5))
+    g_lp, g_ent = torch.randn(3, 5), torch.randn(3, 5)
+
+    def grads(fn):
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+        lp, ent = fn()
+        ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        return lp.detach(), ent.detach(), hidden.grad, head.weight.grad, None if head.bias is None else head.bias.grad
+
+    def full():
+        logits = head(hidden).float() / temperature
+        return token_logprobs(logits, tokens), token_entropy(logits)
+
+    expected = grads(full)
+    for chunk in (50, 7 * 50, 10_000):  # one row per chunk, a ragged last chunk, everything in one chunk
+        got = grads(lambda: head_logprobs(hidden, head, tokens, temperature, chunk_elements=chunk))
+        for e, g in zip(expected, got):
+            if e is not None:
+                torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_response_logprobs_fast_path_matches_the_logits_path(entropy_grad: bool) -> None:
+    model = tiny_qwen2()
+    assert plain_head(model) is model.lm_head
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt
+    response = ids[:, -4:]
+
+    def run(fast: bool):
+        model.zero_grad(set_to_none=True)
+        if fast:
+            lp, ent = response_logprobs(model, ids, mask, response, 0.8, entropy_grad=entropy_grad)
+        else:
+            logits = response_logits(model, ids, mask, 4, 0.8)
+            lp, ent = token_logprobs(logits, response), token_entropy(logits)
+            ent = ent if entropy_grad else ent.detach()
+        assert ent.requires_grad == entropy_grad
+        (lp.sum() + (ent.sum() if entropy_grad else 0)).backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast, slow = run(True), run(False)
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-5)
+    for name, grad in slow[2].items():
+        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_autocast_and_unknown_models_take_the_logits_path() -> None:
+    model = tiny_qwen2()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain_head(model) is None
+    assert plain_head(torch.nn.Linear(2, 2)) is None
