@@ -7,7 +7,7 @@ answer is right) + `format_weight` x (the response is `<think>...</think>` follo
 
 Rows, told apart per row:
 - Inter-GPS / Geometry3K rows (`problem_text` or `annotat_text`, `choices`, `answer` letter, and an `image`
-  path relative to the data file's directory or `task.image_root`), e.g. `../shared/data/geometry3k`;
+  path relative to the data file's directory or `task.image_root`), e.g. `examples/data/geo3k`;
 - `hiyouga/geometry3k` rows (`problem` with an `<image>` placeholder, `answer` value, `images`);
 - verl's parquet rows (`prompt` chat messages with `<image>` placeholders, `images`, `reward_model.ground_truth`).
 Images may be PIL images, `{"bytes": ...}` / `{"path": ...}` mappings (parquet), raw bytes or paths.
