@@ -195,7 +195,9 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         "trainer": {"model": spec["model_dir"], "steps": total, "seed": spec["seed"],
                     "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0,
                     "log_mismatch": spec.get("log_mismatch", False)},
-        "sampling": {"n": spec["group"], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": spec["tokens"]},
+        # min_new_tokens = max_new_tokens: a fixed completion length, as TRL's generation_kwargs below
+        "sampling": {"n": spec["group"], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": spec["tokens"],
+                     "min_new_tokens": spec["tokens"]},
         "backend": {"lr": spec["lr"], "dtype": spec["dtype"], "max_grad_norm": 1.0, "weight_decay": 0.0,
                     **spec.get("rlcore_backend", {})},
         "task": task_options(spec),
@@ -204,14 +206,6 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=False)
     trainer.setup()
-    rollout = trainer.registry.plugins["rollout"]
-    # Fixed completion length: rlcore's SamplingParams has no min_new_tokens, so set it on the hf rollout's
-    # generation config (the rollout replaced the model's defaults by a neutral config in its setup).
-    gen_config = getattr(getattr(rollout, "model", None), "generation_config", None)
-    if gen_config is None:
-        raise RuntimeError(f"rollout {cfg.selection['rollout']!r} has no transformers generation_config to fix the "
-                           "completion length; the harness supports the hf rollout")
-    gen_config.min_new_tokens = spec["tokens"]
     setup_s = time.perf_counter() - t0
     rss_setup = rss_mib()[0]
     walls = []

@@ -57,11 +57,20 @@ class SamplingOptions:
     temperature: float = attrs.field(default=1.0, validator=check_range(0.0))
     top_p: float = attrs.field(default=1.0, validator=check_range(0.0, 1.0))
     max_new_tokens: int = attrs.field(default=256, validator=check_range(1))
+    min_new_tokens: int = attrs.field(default=0, validator=check_range(0))
+    """Tokens sampled before an EOS or stop string may end a response (vLLM's `min_tokens`)."""
     stop: list[str] = attrs.field(factory=list)
+
+    @min_new_tokens.validator
+    def _at_most_max(self, _attribute: attrs.Attribute, value: int) -> None:
+        if value > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={value} exceeds max_new_tokens={self.max_new_tokens}; "
+                             "lower min_new_tokens or raise max_new_tokens")
 
     def params(self, seed: int | None = None) -> SamplingParams:
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                              max_new_tokens=self.max_new_tokens, stop=list(self.stop), seed=seed)
+                              max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                              stop=list(self.stop), seed=seed)
 
 
 @attrs.define

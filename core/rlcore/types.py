@@ -186,6 +186,7 @@ class SamplingParams:
     max_new_tokens: int = 32
     stop: list[str] = attrs.field(factory=list)
     seed: int | None = None
+    min_new_tokens: int = 0  # no EOS or stop string ends a response before this many tokens
 
 
 @attrs.define

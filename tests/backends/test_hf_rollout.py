@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from rlcore import Prompt, SamplingParams, Tool
@@ -196,3 +197,45 @@ def test_sampler_greedy_takes_the_argmax_with_temperature_one_logprobs() -> None
     tokens = sampler(torch.zeros(4, 1, dtype=torch.long), logits.clone()).argmax(-1)
     assert torch.equal(tokens, logits.argmax(-1))
     torch.testing.assert_close(sampler.logprobs[0], torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
+
+
+def test_sampler_bans_eos_until_min_new_tokens_and_reports_unbanned_logprobs() -> None:
+    from rlcore_backends.hf_rollout import Sampler
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 5.0]]).expand(2000, 4).clone()  # EOS (3) has ~98% of the mass
+    expected = torch.log_softmax(logits[0], -1)
+    for temperature in (1.0, 0.0):
+        sampler = Sampler(temperature, 0.9 if temperature else 1.0, eos_ids=[3], min_new_tokens=2)
+        first, second, third = (sampler.pick(logits.clone()) for _ in range(3))
+        assert not (first == 3).any() and not (second == 3).any(), "EOS is banned for the first two tokens"
+        assert (third == 3).float().mean() > 0.9, "then EOS is drawn again"
+        torch.testing.assert_close(sampler.logprobs[0], expected[first], atol=1e-6, rtol=0)
+
+
+def test_min_new_tokens_holds_responses_to_their_length(rollout: HFRollout, prompts: list[Prompt]) -> None:
+    def lengths(min_new_tokens: int) -> Tensor:
+        params = SamplingParams(n=3, max_new_tokens=20, min_new_tokens=min_new_tokens, seed=3)
+        return rollout.sample(prompts=prompts, params=params, tools=[]).attention_mask.sum(1)
+
+    assert (lengths(0) < 5).sum() >= 3, "this seed ends several responses within 4 tokens"
+    held = lengths(5)
+    assert (held >= 5).all() and (held < 20).any(), "with min_new_tokens=5 none ends before 5 tokens, some after"
+
+
+def test_lean_decoder_matches_transformers_generate(rlcore_context: RunContext, rollout: HFRollout,
+                                                   prompts: list[Prompt]) -> None:
+    """The lean decode loop (distinct prompts prefilled once, finished rows dropped) samples exactly what
+    transformers `generate` does with the same sampler: greedy with EOS-ended rows of several lengths, and
+    seeded sampling (every row's uniform is drawn each step, so the random stream is the same)."""
+    reference = HFRollout(HFRollout.Options(decoder="generate"))
+    reference.setup(ctx=rlcore_context)
+    for params in (SamplingParams(n=2, temperature=0.0, max_new_tokens=12),
+                   SamplingParams(n=3, temperature=0.8, top_p=0.95, max_new_tokens=16, seed=3),
+                   SamplingParams(n=2, max_new_tokens=9, min_new_tokens=6, seed=4)):
+        lean = rollout.sample(prompts=prompts, params=params, tools=[])
+        plain = reference.sample(prompts=prompts, params=params, tools=[])
+        assert torch.equal(lean.response_ids, plain.response_ids)
+        assert [i["finish_reason"] for i in lean.info] == [i["finish_reason"] for i in plain.info]
+        torch.testing.assert_close(lean.rollout_logprobs, plain.rollout_logprobs, atol=1e-5, rtol=0)
+        if params.seed == 3:
+            assert len(set(lean.attention_mask.sum(1).tolist())) > 3, "rows end at EOS after different lengths"

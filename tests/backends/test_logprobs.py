@@ -31,8 +31,9 @@ def test_head_logprobs_match_full_logits_values_and_gradients(bias: bool, temper
         return token_logprobs(logits, tokens), token_entropy(logits)
 
     expected = grads(full)
-    for chunk in (50, 7 * 50, 10_000):  # one row per chunk, a ragged last chunk, everything in one chunk
-        got = grads(lambda: head_logprobs(hidden, head, tokens, temperature, chunk_elements=chunk))
+    # one row per tile, ragged last tiles both ways, one tile of everything
+    for tile_rows, tile_columns in ((1, 50), (4, 7), (15, 64)):
+        got = grads(lambda: head_logprobs(hidden, head, tokens, temperature, tile_rows, tile_columns))
         for e, g in zip(expected, got):
             if e is not None:
                 torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

@@ -19,9 +19,11 @@ def output(entries: list, reason: dict, **meta: object) -> dict:
 
 
 def test_sampling_params_say_exactly_what_rlcore_asks() -> None:
-    sp = sampling_params(SamplingParams(n=4, temperature=0.7, top_p=0.9, max_new_tokens=12, stop=["\n\n", "END"]))
+    sp = sampling_params(SamplingParams(n=4, temperature=0.7, top_p=0.9, max_new_tokens=12, min_new_tokens=5,
+                                        stop=["\n\n", "END"]))
     assert sp == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
-                  "frequency_penalty": 0.0, "presence_penalty": 0.0, "max_new_tokens": 12, "stop": ["\n\n", "END"]}
+                  "frequency_penalty": 0.0, "presence_penalty": 0.0, "max_new_tokens": 12, "min_new_tokens": 5,
+                  "stop": ["\n\n", "END"]}
     assert "n" not in sp, "n samples are repeated rows, never SGLang's parallel sampling"
     assert "stop" not in sampling_params(SamplingParams(stop=[]))
 

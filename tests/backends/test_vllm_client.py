@@ -86,9 +86,10 @@ def test_server_generate_sends_exact_sampling_and_parses(server: str) -> None:
     first = bodies[0]
     assert first["model"] == "served-name" and first["return_token_ids"] is True
     assert {k: first[k] for k in ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens",
-                                  "stop", "stop_token_ids", "include_stop_str_in_output", "logprobs")} == {
+                                  "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output", "logprobs")} == {
         "n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-        "max_tokens": 3, "stop": ["\n\n"], "stop_token_ids": [2, 7], "include_stop_str_in_output": True, "logprobs": 0}
+        "max_tokens": 3, "min_tokens": 0, "stop": ["\n\n"], "stop_token_ids": [2, 7],
+        "include_stop_str_in_output": True, "logprobs": 0}
 
 
 def test_server_weight_sync_sends_safetensors_and_resets_the_cache(server: str) -> None:

@@ -5,6 +5,7 @@ import pytest
 
 from rlcore.config import build_options, check_choice, check_range, load_file, merge, parse_overrides
 from rlcore.errors import ConfigError
+from rlcore.run_config import SamplingOptions
 
 
 @attrs.define
@@ -87,3 +88,12 @@ def test_load_file_errors(tmp_path, name, text, match):
         (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_file(tmp_path / name)
+
+
+def test_sampling_min_new_tokens_is_bounded_by_max_new_tokens():
+    options = build_options(SamplingOptions, {"max_new_tokens": "8", "min_new_tokens": "8"}, "sampling")
+    assert options.params(seed=3).min_new_tokens == 8
+    with pytest.raises(ConfigError, match="min_new_tokens=9 exceeds max_new_tokens=8; lower min_new_tokens"):
+        build_options(SamplingOptions, {"max_new_tokens": 8, "min_new_tokens": 9}, "sampling")
+    with pytest.raises(ConfigError, match="min_new_tokens=-1 must be at least 0"):
+        build_options(SamplingOptions, {"min_new_tokens": -1}, "sampling")

@@ -160,7 +160,8 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
             seed = None if params.seed is None else params.seed + turn * len(samples)  # fresh seeds every turn
             extra = {"multimodal": [mm[i] for i in active]} if mm is not None else {}
             outs = engine.generate([prompt_ids[i] + samples[i].tokens for i in active],
-                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed), **extra)
+                                   attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed,
+                                                min_new_tokens=min(params.min_new_tokens, max(budgets))), **extra)
             calling: list[int] = []
             for i, budget, out in zip(active, budgets, outs):
                 sample = samples[i]

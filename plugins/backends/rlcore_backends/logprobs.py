@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,77 +44,118 @@ def token_entropy(logits: Tensor) -> Tensor:
 
 # ---- chunked LM head: logprobs and entropy without the [tokens, vocab] logits ----------------------------
 
-CHUNK_ELEMENTS = 1 << 23
-"""Logits held at once by `head_logprobs` (rows x vocabulary; 32 MiB in float32)."""
+TILE_ROWS = 4096
+"""Rows (tokens) per tile of `head_logprobs`."""
+TILE_COLUMNS = 2048
+"""Vocabulary entries per tile of `head_logprobs`: with up to 4096 rows a tile's logits are 32 MiB in float32,
+and each matmul has the whole hidden size as its inner dimension and >= 2048 outputs a side, which keeps a
+CPU's GEMM near its peak (row chunks of a few dozen rows against the whole vocabulary run at a third of it)."""
 
 PLAIN_HEAD_MODELS = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 """transformers causal LMs whose logits are exactly `lm_head(last_hidden_state)` (no scaling or soft-capping)."""
 
 
-class _HeadLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W.T / T) at `tokens` and the entropy of softmax(h @ W.T / T), chunk by chunk of rows.
+def _tiles(rows: int, vocab: int, tile_rows: int, tile_columns: int) -> Iterator[tuple[slice, slice]]:
+    """(row slice, vocabulary slice) of every tile, vocabulary innermost."""
+    for r in range(0, rows, tile_rows):
+        for v in range(0, vocab, tile_columns):
+            yield slice(r, r + tile_rows), slice(v, v + tile_columns)
 
-    Forward keeps only [N] results; backward recomputes each chunk's logits, so the [N, V] logits (and their
-    float32 copies, softmax and gradients that the autograd graph of the plain path holds) never exist.
+
+def _tile_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, columns: slice,
+                 temperature: float) -> Tensor:
+    """Float32 logits / temperature of `hidden` rows against the vocabulary entries in `columns`."""
+    z = torch.nn.functional.linear(hidden, weight[columns].to(hidden.dtype),
+                                   None if bias is None else bias[columns].to(hidden.dtype)).float()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _in_tile(tokens: Tensor, columns: slice, width: int) -> tuple[Tensor, Tensor]:
+    """Which rows' tokens fall in the vocabulary slice `columns` (of `width` entries), and their offsets there."""
+    offset = tokens - columns.start
+    return (offset >= 0) & (offset < width), offset.clamp(0, width - 1)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log_softmax(h @ W.T / T) at `tokens` and the entropy of softmax(h @ W.T / T), tile by tile.
+
+    The logits are computed in [rows x vocabulary] tiles (`_tiles`); the forward keeps a running max, sum of
+    exponentials and sum of exponential-weighted logits per row (the online softmax), so only [N] results
+    survive; the backward recomputes each tile's logits and writes that tile's slice of the weight gradient
+    directly. The [N, V] logits (and their float32 copies, softmax and gradients that the autograd graph of
+    the plain path holds) never exist.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                temperature: float, rows: int) -> tuple[Tensor, Tensor]:
-        logprobs = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        entropy = torch.empty_like(logprobs)
-        lse = torch.empty_like(logprobs)
-        for i in range(0, hidden.shape[0], rows):
-            z = _chunk_logits(hidden[i:i + rows], weight, bias, temperature)
-            lse[i:i + rows] = torch.logsumexp(z, -1)
-            probs = torch.exp(z - lse[i:i + rows, None])
-            entropy[i:i + rows] = lse[i:i + rows] - (probs * z).sum(-1)
-            logprobs[i:i + rows] = z.gather(-1, tokens[i:i + rows, None]).squeeze(-1) - lse[i:i + rows]
+                temperature: float, tile_rows: int, tile_columns: int) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        running_max = hidden.new_full((n,), float("-inf"), dtype=torch.float32)
+        exp_sum = torch.zeros_like(running_max)  # sum of exp(z - running_max)
+        weighted = torch.zeros_like(running_max)  # sum of exp(z - running_max) * z
+        picked = torch.zeros_like(running_max)  # z at the token
+        for rows, columns in _tiles(n, weight.shape[0], tile_rows, tile_columns):
+            z = _tile_logits(hidden[rows], weight, bias, columns, temperature)
+            old_max = running_max[rows]
+            new_max = torch.maximum(old_max, z.amax(-1))
+            rescale = torch.exp(old_max - new_max)
+            e = torch.exp(z - new_max[:, None])
+            exp_sum[rows] = exp_sum[rows] * rescale + e.sum(-1)
+            weighted[rows] = weighted[rows] * rescale + (e.mul_(z)).sum(-1)
+            running_max[rows] = new_max
+            inside, offset = _in_tile(tokens[rows], columns, z.shape[1])
+            picked[rows] = torch.where(inside, z.gather(-1, offset[:, None]).squeeze(-1), picked[rows])
+        lse = running_max + torch.log(exp_sum)
+        entropy = lse - weighted / exp_sum
         ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
-        ctx.temperature, ctx.rows = temperature, rows
-        return logprobs, entropy
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros to multiply
+        ctx.tile = temperature, tile_rows, tile_columns
+        return picked - lse, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> tuple[Any, ...]:
         hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
-        temperature, rows = ctx.temperature, ctx.rows
+        temperature, tile_rows, tile_columns = ctx.tile
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        for i in range(0, hidden.shape[0], rows):
-            h = hidden[i:i + rows]
-            z = _chunk_logits(h, weight, bias, temperature)
-            probs = torch.exp(z - lse[i:i + rows, None])
-            dz = torch.zeros_like(z)
-            if grad_logprobs is not None:  # d logprob / dz = onehot(token) - p
-                g = grad_logprobs[i:i + rows, None].float()
-                dz.sub_(probs * g).scatter_add_(-1, tokens[i:i + rows, None], g)
-            if grad_entropy is not None:  # dH / dz = -p (z - lse + H)
-                g = grad_entropy[i:i + rows, None].float()
-                dz.sub_(probs * (z - (lse[i:i + rows] - entropy[i:i + rows])[:, None]) * g)
-            dz = (dz / temperature).to(hidden.dtype)
+        # dz = (onehot(token) - p) g_lp / T  -  p (z - lse + H) g_H / T  (d logprob / dz and dH / dz)
+        g_lp = None if grad_logprobs is None else grad_logprobs.float() / temperature
+        g_h = None if grad_entropy is None else grad_entropy.float() / temperature
+        shift = lse - entropy
+        for rows, columns in _tiles(hidden.shape[0], weight.shape[0], tile_rows, tile_columns):
+            h = hidden[rows]
+            z = _tile_logits(h, weight, bias, columns, temperature)
+            p = torch.sub(z, lse[rows, None]).exp_()
+            if g_h is not None:  # the negated coefficient of p, in z's memory
+                coefficient = z.sub_(shift[rows, None]).mul_(-g_h[rows, None])
+                if g_lp is not None:
+                    coefficient.sub_(g_lp[rows, None])
+                dz = p.mul_(coefficient)
+            else:
+                dz = p.mul_(-g_lp[rows, None])
+            if g_lp is not None:
+                inside, offset = _in_tile(tokens[rows], columns, dz.shape[1])
+                at = inside.nonzero().squeeze(-1)
+                dz.index_put_((at, offset[at]), g_lp[rows][at], accumulate=True)
+            dz = dz.to(hidden.dtype)
+            w = weight[columns].to(dz.dtype)
             if grad_hidden is not None:
-                grad_hidden[i:i + rows] = dz @ weight.to(dz.dtype)
+                grad_hidden[rows].addmm_(dz, w)
             if grad_weight is not None:
-                grad_weight.add_((dz.T @ h).to(weight.dtype))
+                grad_weight[columns].addmm_(dz.T, h.to(dz.dtype))
             if grad_bias is not None:
-                grad_bias.add_(dz.sum(0).to(bias.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None
-
-
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    return torch.nn.functional.linear(hidden, weight.to(hidden.dtype),
-                                      None if bias is None else bias.to(hidden.dtype)).float() / temperature
+                grad_bias[columns].add_(dz.sum(0).to(bias.dtype))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def head_logprobs(hidden: Tensor, head: torch.nn.Linear, tokens: Tensor, temperature: float,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+                  tile_rows: int = TILE_ROWS, tile_columns: int = TILE_COLUMNS) -> tuple[Tensor, Tensor]:
     """Float32 (logprobs, entropy), each shaped like `tokens`, of `head(hidden) / temperature` [..., V] at
-    `tokens`, computed in chunks of rows that hold at most `chunk_elements` logits (see `_HeadLogprobs`)."""
-    rows = max(1, chunk_elements // head.weight.shape[0])
+    `tokens`, computed in [tile_rows x tile_columns] tiles of logits (see `_HeadLogprobs`)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     logprobs, entropy = _HeadLogprobs.apply(flat, head.weight, head.bias, tokens.reshape(-1), float(temperature),
-                                            rows)
+                                            tile_rows, tile_columns)
     return logprobs.view(tokens.shape), entropy.view(tokens.shape)
 
 

@@ -36,7 +36,7 @@ def sampling_params(params: SamplingParams, seed: int | None = None) -> dict[str
     out: dict[str, Any] = {
         "temperature": params.temperature, "top_p": params.top_p, "top_k": -1, "min_p": 0.0,
         "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-        "max_new_tokens": params.max_new_tokens,
+        "max_new_tokens": params.max_new_tokens, "min_new_tokens": params.min_new_tokens,
     }
     if params.stop:
         out["stop"] = list(params.stop)

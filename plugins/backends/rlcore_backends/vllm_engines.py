@@ -39,7 +39,8 @@ def request_fields(params: SamplingParams, stop_token_ids: Sequence[int], seed: 
     """vLLM sampling fields for one completion: exactly `params`, nothing from the model's generation
     defaults (top-k, repetition penalty), the sampled token's logprob, stop strings kept in the output."""
     return {"n": 1, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0,
-            "repetition_penalty": 1.0, "max_tokens": params.max_new_tokens, "stop": list(params.stop),
+            "repetition_penalty": 1.0, "max_tokens": params.max_new_tokens,
+            "min_tokens": params.min_new_tokens, "stop": list(params.stop),
             "stop_token_ids": list(stop_token_ids), "include_stop_str_in_output": True, "logprobs": 0,
             "seed": seed}
 
