@@ -206,7 +206,7 @@ def test_sampler_bans_eos_until_min_new_tokens_and_reports_unbanned_logprobs() -
     expected = torch.log_softmax(logits[0], -1)
     for temperature in (1.0, 0.0):
         sampler = Sampler(temperature, 0.9 if temperature else 1.0, eos_ids=[3], min_new_tokens=2)
-        first, second, third = (sampler.pick(logits.clone()) for _ in range(3))
+        first, second, third = (sampler.pick(logits.T.contiguous()) for _ in range(3))  # vocabulary-major
         assert not (first == 3).any() and not (second == 3).any(), "EOS is banned for the first two tokens"
         assert (third == 3).float().mean() > 0.9, "then EOS is drawn again"
         torch.testing.assert_close(sampler.logprobs[0], expected[first], atol=1e-6, rtol=0)

@@ -31,9 +31,9 @@ def test_head_logprobs_match_full_logits_values_and_gradients(bias: bool, temper
         return token_logprobs(logits, tokens), token_entropy(logits)
 
     expected = grads(full)
-    # one row per tile, ragged last tiles both ways, one tile of everything
-    for tile_rows, tile_columns in ((1, 50), (4, 7), (15, 64)):
-        got = grads(lambda: head_logprobs(hidden, head, tokens, temperature, tile_rows, tile_columns))
+    # one row per tile, ragged last tiles both ways, one tile of everything; tiles recomputed or kept
+    for tile_rows, tile_columns, keep_mib in ((1, 50, 0), (4, 7, 0), (15, 64, 0), (4, 7, 1), (15, 64, 1)):
+        got = grads(lambda: head_logprobs(hidden, head, tokens, temperature, tile_rows, tile_columns, keep_mib))
         for e, g in zip(expected, got):
             if e is not None:
                 torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
@@ -79,3 +79,20 @@ def test_autocast_and_unknown_models_take_the_logits_path() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plain_head(model) is None
     assert plain_head(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("keep_mib,backward_tiles", [(0, 4), (1, 0)])
+def test_head_logprobs_keeps_the_forward_tiles_for_backward_when_they_fit(
+        monkeypatch: pytest.MonkeyPatch, keep_mib: float, backward_tiles: int) -> None:
+    """With room for the logits, backward computes no tile again (no LM-head matmul); without, all of them."""
+    from rlcore_backends import logprobs
+
+    calls: list[int] = []
+    original = logprobs._tile_logits
+    monkeypatch.setattr(logprobs, "_tile_logits", lambda *a: calls.append(1) or original(*a))
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    lp, _ = head_logprobs(hidden, head, torch.randint(0, 50, (12,)), 1.0, 6, 25, keep_mib)
+    assert len(calls) == 4  # 2 x 2 tiles of [6 x 25] logits
+    lp.sum().backward()
+    assert len(calls) == 4 + backward_tiles

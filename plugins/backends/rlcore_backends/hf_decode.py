@@ -31,6 +31,9 @@ class Sampler(LogitsProcessor):
     `min_new_tokens` tokens were sampled, `eos_ids` cannot be drawn. The logprob is log_softmax(logits /
     temperature) at the token, before top-p and the EOS ban, as the trainer computes it. It keeps one [rows]
     tensor per step instead of `output_logits`' [rows, vocab].
+
+    `pick` takes the logits vocabulary-major ([vocab, rows], what `head_logits` computes fastest) and works in
+    place, so a decode step allocates nothing of the vocabulary's size.
     """
 
     def __init__(self, temperature: float, top_p: float, eos_ids: Sequence[int] = (), min_new_tokens: int = 0
@@ -41,54 +44,50 @@ class Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         """`generate`'s logits-processor call: scores that are -inf except at the sampled token."""
-        token = self.pick(scores)
+        token = self.pick(scores.float().T.contiguous())
         return scores.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)
 
-    def pick(self, scores: Tensor, uniforms: Tensor | None = None) -> Tensor:
-        """One token per row of `scores` [rows, vocab] (this step's logits); appends their logprobs.
-        `uniforms` [rows, 1] (float64 in [0, 1)) are drawn here when not given."""
-        x = scores.float()
-        banned = len(self.logprobs) < self.min_new_tokens and len(self.eos_ids) > 0
+    def pick(self, logits: Tensor, uniforms: Tensor | None = None) -> Tensor:
+        """One token per column of `logits` [vocab, rows] (float32, contiguous; overwritten), and its logprob
+        appended to `logprobs`. `uniforms` [rows, 1] (float64 in [0, 1)) are drawn here when not given."""
+        eos = self.eos_ids.to(logits.device)
+        banned = len(self.logprobs) < self.min_new_tokens and len(eos) > 0
         if self.temperature <= 0:  # greedy; logprobs at temperature 1
-            token = (self._ban(x) if banned else x).argmax(-1)
-            self.logprobs.append(x.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(x, -1))
+            token = (logits.index_fill(0, eos, float("-inf")) if banned else logits).argmax(0)
+            self.logprobs.append(logits.gather(0, token[None]).squeeze(0) - torch.logsumexp(logits, 0))
             return token
         if self.temperature != 1.0:
-            x = x / self.temperature
-        top = x.max(-1, keepdim=True).values
-        weights = torch.exp(x - top)
+            logits.div_(self.temperature)
+        weights = logits.sub_(logits.amax(0)).exp_()  # exp(logits - max): the unnormalised softmax
         log_total = None
         if self.top_p < 1.0 or banned:  # the logprob's normaliser is taken before truncation
-            log_total = torch.log(weights.sum(-1))
+            log_total = torch.log(weights.sum(0))
         if self.top_p < 1.0:
-            weights = weights.masked_fill(self._outside_top_p(self._ban(x) if banned else x), 0.0)
+            weights.masked_fill_(self._outside_top_p(weights.index_fill(0, eos, 0.0) if banned else weights), 0.0)
         if banned:
-            weights.index_fill_(-1, self.eos_ids.to(weights.device), 0.0)
+            weights.index_fill_(0, eos, 0.0)
         token, total = self._inverse_cdf(weights, uniforms)
         if log_total is None:  # no truncation: the sampling total is the softmax normaliser
             log_total = torch.log(total).float()
-        self.logprobs.append(x.gather(-1, token[:, None]).squeeze(-1) - top.squeeze(-1) - log_total)
+        self.logprobs.append(torch.log(weights.gather(0, token[None]).squeeze(0)) - log_total)
         return token
-
-    def _ban(self, x: Tensor) -> Tensor:
-        return x.index_fill(-1, self.eos_ids.to(x.device), float("-inf"))
 
     BLOCK = 1024
 
     @classmethod
     def _inverse_cdf(cls, weights: Tensor, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One token per row with probability proportional to `weights` [rows, V] (>= 0, a positive sum),
-        and the float64 sum of each row's weights.
+        """One token per column with probability proportional to `weights` [V, rows] (>= 0, a positive sum),
+        and the float64 sum of each column's weights.
 
         Two levels, so that nothing sequential runs over the whole vocabulary: the float64 CDF of block sums
         picks a block, then the float64 CDF inside that block picks the token.
         """
-        rows, vocab = weights.shape
+        vocab, rows = weights.shape
         full = vocab // cls.BLOCK * cls.BLOCK
-        sums = weights[:, :full].reshape(rows, -1, cls.BLOCK).sum(-1)
+        sums = weights[:full].reshape(-1, cls.BLOCK, rows).sum(1)
         if full < vocab:
-            sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
-        sums = sums.double()
+            sums = torch.cat([sums, weights[full:].sum(0, keepdim=True)], dim=0)
+        sums = sums.T.double()  # [rows, blocks]
         block_cdf = sums.cumsum(-1)
         if uniforms is None:
             uniforms = torch.rand((rows, 1), dtype=torch.float64, device=weights.device)
@@ -97,20 +96,22 @@ class Sampler(LogitsProcessor):
         # the block's last non-empty one when rounding put u at or past the end
         block = torch.where(sums.gather(1, block) > 0, block, (block_cdf < block_cdf[:, -1:]).sum(-1, keepdim=True))
         u = u - (block_cdf.gather(1, block) - sums.gather(1, block))
-        index = block * cls.BLOCK + torch.arange(cls.BLOCK, device=weights.device)
+        index = block * cls.BLOCK + torch.arange(cls.BLOCK, device=weights.device)  # [rows, BLOCK]
         inside = index < vocab
-        cdf = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(~inside, 0.0).cumsum(-1, dtype=torch.float64)
+        inner = weights.gather(0, index.clamp(max=vocab - 1).T).T
+        cdf = inner.masked_fill(~inside, 0.0).cumsum(-1, dtype=torch.float64)
         total = cdf[:, -1:]
         u = torch.minimum(u.clamp(min=0.0), torch.nextafter(total, torch.zeros_like(total)))
         offset = torch.searchsorted(cdf, u, right=True).clamp(max=cls.BLOCK - 1)
         return (block * cls.BLOCK + offset).squeeze(-1), block_cdf[:, -1]
 
-    def _outside_top_p(self, x: Tensor) -> Tensor:
-        """Tokens outside the top-p nucleus (transformers' `TopPLogitsWarper`: at least one token is kept)."""
-        sorted_x, order = torch.sort(x, descending=False)
-        remove = sorted_x.softmax(-1).cumsum(-1) <= (1 - self.top_p)
-        remove[..., -1:] = False
-        return remove.scatter(-1, order, remove)
+    def _outside_top_p(self, weights: Tensor) -> Tensor:
+        """Tokens outside the top-p nucleus of each column of unnormalised probabilities [V, rows]
+        (transformers' `TopPLogitsWarper`: at least one token is kept)."""
+        sorted_w, order = torch.sort(weights, dim=0)
+        remove = (sorted_w / sorted_w.sum(0)).cumsum(0) <= (1 - self.top_p)
+        remove[-1:] = False
+        return remove.scatter(0, order, remove)
 
 
 class StopStrings:
@@ -141,13 +142,16 @@ class StopCriteria:
         return (self.stopped_at > 0).to(input_ids.device)
 
 
-def head_logits(hidden: Tensor, head: torch.nn.Linear) -> Tensor:
-    """Float32 logits [rows, V] of `hidden` [rows, H]: W @ h.T, which a CPU GEMM runs ~1.4x faster than
-    h @ W.T when rows are few and the vocabulary is large."""
-    logits = torch.mm(head.weight, hidden.to(head.weight.dtype).T).T
-    if head.bias is not None:
-        logits = logits + head.bias
-    return logits.float().contiguous()
+def head_logits(hidden: Tensor, head: torch.nn.Linear, out: Tensor) -> Tensor:
+    """Float32 logits of `hidden` [rows, H], vocabulary-major [V, rows], written into the flat buffer `out`
+    (at least V * rows) when the head is float32. W @ h.T runs ~1.4x faster than h @ W.T on a CPU GEMM when
+    rows are few and the vocabulary large, and a reused buffer spares the page faults of a fresh one."""
+    weight = head.weight
+    if weight.dtype != torch.float32:
+        logits = torch.mm(weight, hidden.to(weight.dtype).T).float()
+    else:
+        logits = torch.mm(weight, hidden.T, out=out[:weight.shape[0] * len(hidden)].view(weight.shape[0], -1))
+    return logits if head.bias is None else logits.add_(head.bias.float()[:, None])
 
 
 @torch.no_grad()
@@ -175,10 +179,11 @@ def decode(model: Any, head: torch.nn.Linear, input_ids: Tensor, mask: Tensor, s
     eos = torch.tensor(list(eos_ids), dtype=torch.long)
     active = torch.arange(rows)  # the original rows still generating, in cache order
     position = positions[:, -1]
+    buffer = torch.empty(head.weight.shape[0] * rows, device=hidden.device)
     for step in range(max_new_tokens):
         # every row's uniform is drawn, finished or not, so the random stream is `generate`'s
         uniforms = torch.rand((rows, 1), dtype=torch.float64)[active] if sampler.temperature > 0 else None
-        token = sampler.pick(head_logits(hidden, head), uniforms).cpu()
+        token = sampler.pick(head_logits(hidden, head, buffer), uniforms).cpu()
         tokens[active, step] = token
         logprobs[active, step] = sampler.logprobs[-1].cpu()
         done = torch.isin(token, eos)

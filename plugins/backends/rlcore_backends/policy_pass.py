@@ -19,15 +19,17 @@ def loss_norm(mask: Tensor, max_response_length: int) -> LossNorm:
 
 
 def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
-              autocast: torch.autocast) -> tuple[Tensor, dict[str, float]]:
+              autocast: torch.autocast, keep_logits_mib: float = 0) -> tuple[Tensor, dict[str, float]]:
     """Forward a micro-batch (already trimmed and on the model's device) and apply the loss.
 
     Returns the loss (with grad, for the caller's `backward`) and the micro-batch's share of the metrics:
-    `loss`, `entropy` (token mean over the mini-batch) and the loss's own metrics.
+    `loss`, `entropy` (token mean over the mini-batch) and the loss's own metrics. `keep_logits_mib`: see
+    `TrainOptions.keep_logits_mib`.
     """
     with autocast:
         logprobs, entropy = response_logprobs(model, *part.sequences(), part.response_ids, part.temperature,
-                                              part.multimodal, entropy_grad=loss.needs_entropy)
+                                              part.multimodal, entropy_grad=loss.needs_entropy,
+                                              keep_logits_mib=keep_logits_mib)
     inputs = LossInputs(
         logprobs=logprobs, advantages=part.advantages, mask=part.response_mask,
         old_logprobs=part.old_logprobs, rollout_logprobs=part.rollout_logprobs, ref_logprobs=part.ref_logprobs,

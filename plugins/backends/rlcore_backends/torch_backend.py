@@ -141,7 +141,7 @@ class TorchBackend:
         metrics: dict[str, float] = defaultdict(float)
         for mb in micro_batches.plan(mini, self.options.micro_batch_tokens):
             value, part_metrics = loss_pass(self.model, micro_batches.take(mini, mb).to(self.device), loss, norm,
-                                            self._autocast())
+                                            self._autocast(), self.options.keep_logits_mib)
             value.backward()
             for name, metric in part_metrics.items():
                 metrics[name] += metric

@@ -38,6 +38,10 @@ class TrainOptions:
     """Compute dtype: bfloat16 runs forward passes under autocast (weights and optimizer stay float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    keep_logits_mib: int = attrs.field(default=1024, validator=check_range(0))
+    """Float32 LM-head logits of a micro-batch's response tokens that the backward may take from the forward
+    instead of recomputing them (a quarter of the LM head's FLOPs); larger micro-batches, and 0, recompute.
+    Applies where the LM head runs tiled (a plain Qwen2/Qwen3/Llama/Mistral model on the torch backend)."""
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
