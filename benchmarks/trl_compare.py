@@ -220,12 +220,16 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
     rss_ratio = rl["rss_peak_mib"] / tr["rss_peak_mib"]
     on_50m = args.model == "50m"
 
-    def target(name: str, ok: bool, measured: str, applies: bool = True) -> None:
+    def target(name: str, ok: bool, measured: str, applies: bool = True, scope: str = "the 50m model") -> None:
         verdict = ("PASS" if ok else "FAIL") if applies else "N/A"
-        note = "" if applies else " (target defined on the 50m model)"
+        note = "" if applies else f" (target defined on {scope})"
         add(f"TARGET {name}: {verdict} (measured {measured}){note}")
 
-    target("end-to-end throughput >= 3x TRL, hf rollout, 50M", ratio >= 3.0, f"{ratio:.2f}x", on_50m)
+    target("end-to-end throughput >= 3x TRL, hf rollout, 50M", ratio >= 3.0, f"{ratio:.2f}x",
+           on_50m and args.rollout == "hf", "the 50m model with the hf rollout")
+    if args.rollout != "hf":
+        add(f"end-to-end throughput with --rollout {args.rollout}: {ratio:.2f}x TRL (the issue asks for more than "
+            "the hf rollout's ratio)")
     target("update >= 40% of measured bf16 matmul peak, 50M", util >= 0.40,
            f"{100 * util:.1f}% of bf16 peak, {100 * results['rlcore_update_util_fp32']:.1f}% of fp32 peak, "
            f"rlcore dtype {rl_runs[0]['dtype']}", on_50m)
@@ -257,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="completion length, fixed (default 32)")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
+                        help="rlcore's rollout engine (vllm: run this script with an interpreter that has "
+                             "rlcore-backends[vllm]; TRL still generates with transformers)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (rlcore backend.dtype; TRL bf16)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "rlcore_trl_compare"),
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict[str, Any] = {"model": args.model, "model_dir": str(work / f"model-{args.model}"), "work_dir": str(work),
                             "steps": args.steps, "warmup": args.warmup, "prompts": args.prompts,
                             "group": args.group, "tokens": args.tokens, "lr": args.lr, "seed": args.seed,
-                            "dtype": args.dtype, "log_mismatch": args.log_mismatch,
+                            "dtype": args.dtype, "log_mismatch": args.log_mismatch, "rollout": args.rollout,
                             "peak_budget": args.peak_budget}
     print(f"preparing model {args.model} ...", flush=True)
     model = run_worker(sys.executable, "prepare", spec, logs, "prepare", args.timeout)["model"]
