@@ -1,9 +1,10 @@
-"""Rollout with Hugging Face transformers `generate` (KV cache): the CPU default engine.
+"""Rollout with Hugging Face transformers models and the KV cache: the CPU default engine.
 
 Samples exactly what `SamplingParams` say: the model's own generation defaults (top-k, repetition
 penalty, ...) are dropped, so the sampling distribution is softmax(logits / temperature) with top-p.
 The logprob of each sampled token is log_softmax(logits / temperature) before top-p truncation, which is
 what the trainer computes; temperature 0 samples greedily and reports logprobs at temperature 1.
+Plain text models decode in rlcore's own loop (`hf_decode.decode`), others through transformers `generate`.
 Sampling goes through `engine.run_turns`, so multi-turn tool calls work as in every other rollout.
 """
 
@@ -34,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class HFEngine:
-    """The `Engine` over a transformers model: batched `generate` calls with left-padded prompts."""
+    """The `Engine` over a transformers model: batches of left-padded prompts through `decode` (`lean`, for
+    plain text models) or `generate`."""
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: torch.device,
                  max_rows: int, lean: bool = True) -> None:
@@ -100,7 +102,7 @@ class HFRollout:
         max_rows_per_generate: int = attrs.field(default=512, validator=check_range(1))
         """Sequences decoded together (prompts times n); bounds the memory of the KV cache and logits."""
         decoder: Literal["lean", "generate"] = attrs.field(default="lean", validator=check_choice("lean", "generate"))
-        """lean: rlcore's KV-cache loop (`hf_decode.decode`) for plain text models, ~1.5x faster on a CPU, with
+        """lean: rlcore's KV-cache loop (`hf_decode.decode`) for plain text models, ~1.7x faster on a CPU, with
         transformers `generate` for other models; generate: transformers `generate` always."""
 
     def __init__(self, options: Options) -> None:

@@ -126,7 +126,7 @@ class _HeadLogprobs(torch.autograd.Function):
         g_lp = None if grad_logprobs is None else grad_logprobs.float() / temperature
         g_h = None if grad_entropy is None else grad_entropy.float() / temperature
         shift = lse - entropy
-        kept, ctx.kept = ctx.kept[::-1], None
+        kept, ctx.kept = ctx.kept[::-1], []  # consumed (overwritten): a second backward recomputes
         for rows, columns in _tiles(hidden.shape[0], weight.shape[0], tile_rows, tile_columns):
             h = hidden[rows]
             z = kept.pop() if kept else _tile_logits(h, weight, bias, columns, temperature)
