@@ -93,8 +93,8 @@ def generation(rollout: Any, prompts: list[Prompt], params: SamplingParams) -> f
 
 
 def bench_model(name: str, path: Path, root: Path, args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
-    from rlcore_backends.lora_backend import LoRABackend
-    from rlcore_backends.vllm_rollout import VLLMRollout
+    from rlcore_backends.update.lora.backend import LoRABackend
+    from rlcore_backends.rollout.vllm.rollout import VLLMRollout
 
     ctx = make_context(root / name, path)
     backend = LoRABackend(LoRABackend.Options(rank=args.rank, alpha=2.0 * args.rank))

@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from rlcore_backends.hf_rollout import HFRollout
-    from rlcore_backends.vllm_rollout import VLLMRollout
+    from rlcore_backends.rollout.hf.rollout import HFRollout
+    from rlcore_backends.rollout.vllm.rollout import VLLMRollout
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = make_context(Path(tmp), Path(args.model))

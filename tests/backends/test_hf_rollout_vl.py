@@ -17,11 +17,11 @@ from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, ToolResult, Updat
 from rlcore.errors import RLCoreError
 from rlcore.models import build_tiny_vl_model
 from rlcore.testing.contracts import make_context
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.logprobs import position_ids, token_logprobs
-from rlcore_backends.torch_backend import TorchBackend
-from rlcore_backends.engine import Completion
-from rlcore_backends.vision import cut_at_placeholders, load_processor, vision_inputs
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.common.logprobs import position_ids, token_logprobs
+from rlcore_backends.update.torch.backend import TorchBackend
+from rlcore_backends.rollout.engine import Completion
+from rlcore_backends.common.vision import cut_at_placeholders, load_processor, vision_inputs
 
 from policy_losses import TokenMeanPG
 
@@ -194,8 +194,8 @@ class ScriptedVL:
 
 def test_multi_turn_tool_calls_keep_each_samples_images(rollout, prompts):
     """run_turns hands every generate call the vision inputs of exactly its rows, turn after turn."""
-    from rlcore_backends.engine import run_turns
-    from rlcore_backends.vision import render_with_images
+    from rlcore_backends.rollout.engine import run_turns
+    from rlcore_backends.common.vision import render_with_images
 
     processor = load_processor(rollout.spec_path, rollout.tokenizer)
     two = [prompts[0], prompts[2]]  # diagrams with different patch counts

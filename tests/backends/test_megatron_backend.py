@@ -26,12 +26,12 @@ from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch, UpdatePlan  #
 from rlcore.context import RunContext  # noqa: E402
 from rlcore.errors import ConfigError, TrainingError  # noqa: E402
 from rlcore.testing import check_backend, make_batch, make_context  # noqa: E402
-from rlcore_backends.logprobs import response_logits, token_entropy, token_logprobs  # noqa: E402
-from rlcore_backends.megatron_backend import MegatronBackend  # noqa: E402
-from rlcore_backends.megatron_convert import hf_from_shards  # noqa: E402
-from rlcore_backends.megatron_inputs import pack  # noqa: E402
-from rlcore_backends.megatron_loss import vocab_parallel_logprobs  # noqa: E402
-from rlcore_backends.torch_backend import TorchBackend  # noqa: E402
+from rlcore_backends.common.logprobs import response_logits, token_entropy, token_logprobs  # noqa: E402
+from rlcore_backends.update.megatron.backend import MegatronBackend  # noqa: E402
+from rlcore_backends.update.megatron.convert import hf_from_shards  # noqa: E402
+from rlcore_backends.update.megatron.inputs import pack  # noqa: E402
+from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs  # noqa: E402
+from rlcore_backends.update.torch.backend import TorchBackend  # noqa: E402
 from test_megatron_convert import COMMON, save_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 
 from rlcore import Prompt, SamplingParams, Tool, ToolResult
 from rlcore.errors import RLCoreError
-from rlcore_backends.engine import Completion, run_turns
-from rlcore_backends.multiturn import argument_errors, parse_tool_calls, tool_turn_ids, truncate_text
+from rlcore_backends.rollout.engine import Completion, run_turns
+from rlcore_backends.rollout.multiturn import argument_errors, parse_tool_calls, tool_turn_ids, truncate_text
 
 QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers" / "qwen3"
 LOGPROB = -0.25

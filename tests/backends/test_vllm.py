@@ -25,8 +25,8 @@ from rlcore.errors import RLCoreError
 from rlcore.metrics import MetricsLog
 from rlcore.models import build_tiny_model
 from rlcore.testing import check_rollout, make_context
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.vllm_rollout import VLLMRollout
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.rollout.vllm.rollout import VLLMRollout
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install 'rlcore-backends[vllm]')")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
