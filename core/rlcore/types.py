@@ -214,6 +214,15 @@ class LossNorm:
     sequences: float  # sequences with at least one loss token
     max_response_length: int  # the constant of length-unbiased aggregations (Dr.GRPO)
 
+    @classmethod
+    def of(cls, mask: Tensor, max_response_length: int,
+           reduce: Callable[[list[float]], list[float]] | None = None) -> LossNorm:
+        """The counts of a mini-batch's loss `mask` [b, R]; `reduce` sums a rank's [tokens, sequences]
+        over the data-parallel ranks when the mini-batch is sharded. Counts are at least 1."""
+        counts = [float(mask.sum()), float((mask.sum(-1) > 0).sum())]
+        tokens, sequences = reduce(counts) if reduce is not None else counts
+        return cls(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), max_response_length=max_response_length)
+
 
 class PolicyLoss:
     """An algorithm's loss, handed to the backend that trains.

@@ -12,12 +12,6 @@ from rlcore.errors import TrainingError
 from rlcore_backends.common.logprobs import response_logprobs
 
 
-def loss_norm(mask: Tensor, max_response_length: int) -> LossNorm:
-    """The counts of one mini-batch (or one rank's share of it, before they are summed over ranks)."""
-    return LossNorm(tokens=max(float(mask.sum()), 1.0), sequences=max(float((mask.sum(-1) > 0).sum()), 1.0),
-                    max_response_length=max_response_length)
-
-
 def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
               autocast: torch.autocast, keep_logits_mib: float = 0) -> tuple[Tensor, dict[str, float]]:
     """Forward a micro-batch (already trimmed and on the model's device) and apply the loss.

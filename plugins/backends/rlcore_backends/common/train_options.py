@@ -10,13 +10,13 @@ import attrs
 import torch
 
 from rlcore.config import check_choice, check_range
+from rlcore_backends.common.dtypes import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @attrs.define
-class TrainOptions:
-    """What a trainer backend needs to take optimizer steps: AdamW, warmup, clipping, micro-batches, dtype."""
+class OptimizerOptions:
+    """What every trainer backend needs to take optimizer steps: AdamW, warmup, clipping, micro-batches, dtype."""
 
     lr: float = attrs.field(default=1e-6, validator=check_range(0.0))
     """AdamW peak learning rate (1e-6 suits full fine-tuning of a pretrained LLM)."""
@@ -36,6 +36,12 @@ class TrainOptions:
     dtype: Literal["float32", "bfloat16"] = attrs.field(
         default="float32", validator=check_choice("float32", "bfloat16"))
     """Compute dtype: bfloat16 runs forward passes under autocast (weights and optimizer stay float32)."""
+
+
+@attrs.define
+class TrainOptions(OptimizerOptions):
+    """The optimizer options plus what the transformers-model trainers (torch, fsdp, lora) add."""
+
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     keep_logits_mib: int = attrs.field(default=1024, validator=check_range(0))
@@ -50,7 +56,7 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], options: TrainOptions
+def build_optimizer(params: Iterable[torch.nn.Parameter], options: OptimizerOptions
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the parameters that require grad, and its warmup schedule.
 

@@ -66,6 +66,12 @@ def render(tokenizer: Any, prompt: Prompt, tools: Sequence[dict[str, Any]] | Non
     return tokenizer("\n".join(str(m["content"]) for m in prompt.messages))["input_ids"]
 
 
+def stop_token_ids(eos: int | Sequence[int] | None, tokenizer: Any) -> list[int]:
+    """The ids that end a response: the model's EOS id(s) from its generation config plus the tokenizer's."""
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted((set(eos) | {tokenizer.eos_token_id}) - {None})
+
+
 def pad(rows: Sequence[Tensor], value: float, left: bool) -> Tensor:
     """Stack 1-D tensors into [len(rows), max length], padding on the left or the right."""
     width = max(len(r) for r in rows)

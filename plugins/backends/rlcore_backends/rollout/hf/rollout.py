@@ -25,13 +25,13 @@ from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import RLCoreError
 from rlcore.models import load_model
-from rlcore_backends.rollout.engine import Completion, TurnOptions, pad, run_turns
+from rlcore_backends.common.dtypes import DTYPES
+from rlcore_backends.rollout.engine import Completion, TurnOptions, pad, run_turns, stop_token_ids
 from rlcore_backends.rollout.hf.decode import Sampler, StopCriteria, StopStrings, decode
 from rlcore_backends.common.logprobs import plain_head
 from rlcore_backends.common.vision import cut_at_placeholders, load_processor, render_with_images, vision_inputs
 from rlcore_backends.common.weights import copy_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class HFEngine:
@@ -120,9 +120,7 @@ class HFRollout:
         self.device = ctx.hardware.device()
         self.model = load_model(ctx.model, DTYPES[self.options.dtype], self.device).eval().requires_grad_(False)
         self.tokenizer, self.spec_path = ctx.model.tokenizer, ctx.model.path
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        eos_ids = sorted((set(eos) | {self.tokenizer.eos_token_id}) - {None})
+        eos_ids = stop_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=self.tokenizer.pad_token_id)
         self.engine = HFEngine(self.model, self.tokenizer, eos_ids, self.device, self.options.max_rows_per_generate,
                                lean=self.options.decoder == "lean")

@@ -22,14 +22,14 @@ from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
+from rlcore_backends.common.dtypes import DTYPES as COMMON_DTYPES
 from rlcore_backends.rollout.engine import TurnOptions, run_turns
 from rlcore_backends.rollout.sglang.api import MEMORY_TAGS
 from rlcore_backends.rollout.sglang.engines import SGLangEngine, SGLangServer
 from rlcore_backends.rollout.sglang.server import ORIGINAL_LOGPROB_ENV, HTTPClient, ServerProcess, free_port, server_command
 from rlcore_backends.rollout.sglang.sync import DiskSync, DistributedSync, TensorSync
 
-DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                                         "float32": torch.float32}
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, **COMMON_DTYPES}
 
 
 class SGLangRollout:

@@ -20,7 +20,7 @@ from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import PluginError, RLCoreError
-from rlcore_backends.rollout.engine import TurnOptions, run_turns
+from rlcore_backends.rollout.engine import TurnOptions, run_turns, stop_token_ids
 
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_HOST_IP": "127.0.0.1"}
 """On CPU: vLLM's platform, and its message queue bound to loopback (not the first non-loopback address)."""
@@ -34,8 +34,7 @@ def eos_token_ids(path: str, tokenizer: Any) -> list[int]:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:
         eos = None
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return sorted((set(eos) | {tokenizer.eos_token_id}) - {None})
+    return stop_token_ids(eos, tokenizer)
 
 
 def check_cpu_head_size(path: str) -> None:

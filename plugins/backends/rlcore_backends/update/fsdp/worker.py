@@ -34,7 +34,8 @@ from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.logprobs import response_logits
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
-from rlcore_backends.common.train_options import DTYPES, autocast, build_optimizer, enable_gradient_checkpointing
+from rlcore_backends.common.dtypes import DTYPES
+from rlcore_backends.common.train_options import autocast, build_optimizer, enable_gradient_checkpointing
 
 DCP_DIR = "dcp"
 """The sharded model and optimizer state inside a checkpoint (torch.distributed.checkpoint format)."""
@@ -210,9 +211,7 @@ class FSDPWorker:
     def _step(self, mini: RolloutBatch, loss: PolicyLoss, max_len: int) -> dict[str, float]:
         """Forward/backward every micro-batch of this rank's shard with the mini-batch's global counts,
         then clip the global gradient norm and step."""
-        mask = mini.response_mask
-        tokens, sequences = self._sum_over_ranks([float(mask.sum()), float((mask.sum(-1) > 0).sum())])
-        norm = LossNorm(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), max_response_length=max_len)
+        norm = LossNorm.of(mini.response_mask, max_len, reduce=self._sum_over_ranks)
         passes = micro_batches.plan(mini, self.options.micro_batch_tokens)
         metrics: dict[str, float] = defaultdict(float)
         for i in range(self._max_over_ranks(len(passes))):

@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 from torch import Tensor
 
 from rlcore import PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
-from rlcore.config import check_choice, check_range
+from rlcore.config import check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
+from rlcore_backends.common.train_options import OptimizerOptions
 from rlcore_backends.update.megatron import checkpoint as ckpt
 from rlcore_backends.update.megatron.convert import Layout, hf_from_shards
 from rlcore_backends.update.megatron.model import check_installed
@@ -35,32 +36,13 @@ class MegatronBackend:
     """Trains the policy with Megatron-core: tensor and pipeline parallelism over tp x pp worker processes."""
 
     @attrs.define
-    class Options:
+    class Options(OptimizerOptions):
         tp: int = attrs.field(default=1, validator=check_range(1))
         """Tensor-parallel size: each layer's weights and the vocabulary split over this many devices."""
         pp: int = attrs.field(default=1, validator=check_range(1))
         """Pipeline-parallel size: the layers split into this many stages (1F1B schedule over micro-batches)."""
-        lr: float = attrs.field(default=1e-6, validator=check_range(0.0))
-        """AdamW peak learning rate."""
-        betas: tuple[float, float] = attrs.field(
-            default=(0.9, 0.999), validator=attrs.validators.deep_iterable(check_range(0.0, 1.0)))
-        """AdamW (beta1, beta2)."""
-        eps: float = attrs.field(default=1e-8, validator=check_range(0.0))
-        """AdamW epsilon."""
-        weight_decay: float = attrs.field(default=0.0, validator=check_range(0.0))
-        """AdamW decoupled weight decay, applied to every parameter."""
-        warmup_steps: int = attrs.field(default=0, validator=check_range(0))
-        """Optimizer steps of linear LR warmup; the LR is constant afterwards."""
-        max_grad_norm: float = attrs.field(default=1.0, validator=check_range(0.0))
-        """Clip the global gradient norm (over all shards) to this (0: no clipping)."""
-        micro_batch_tokens: int = attrs.field(default=16384, validator=check_range(1))
-        """Padded tokens (prompt + response) per micro-batch; a micro-batch holds at least one sample."""
         micro_batch_size: int = attrs.field(default=0, validator=check_range(0))
         """At most this many samples per micro-batch (0: only the token budget limits it)."""
-        dtype: Literal["float32", "bfloat16"] = attrs.field(
-            default="float32", validator=check_choice("float32", "bfloat16"))
-        """Compute dtype: bfloat16 runs forward passes under CUDA autocast (weights and optimizer stay float32;
-        on a CPU Megatron's autocast does nothing)."""
         sequence_parallel: bool = False
         """Megatron sequence parallelism (norms and dropout split along the sequence over the tp group);
         needs tp > 1 and transformer_engine."""

@@ -32,7 +32,7 @@ from rlcore_backends.update.megatron.inputs import MicroInputs, pack
 from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs
 from rlcore_backends.update.megatron.model import (build_gpt, freeze_padding_embedding, load_shard, shard_of,
                                             transformer_config)
-from rlcore_backends.update.torch.backend import warmup_factor
+from rlcore_backends.common.train_options import warmup_factor
 
 
 @attrs.frozen
@@ -114,9 +114,7 @@ class Worker:
         steps = 0
         for _ in range(plan.epochs):
             for mini in batch.split(math.ceil(len(batch) / plan.mini_batches)):
-                mask = mini.response_mask
-                norm = LossNorm(tokens=max(float(mask.sum()), 1.0),
-                                sequences=max(float((mask.sum(-1) > 0).sum()), 1.0), max_response_length=max_len)
+                norm = LossNorm.of(mini.response_mask, max_len)
                 for name, value in self._step(mini, loss, norm).items():
                     sums[name] += value
                 steps += 1

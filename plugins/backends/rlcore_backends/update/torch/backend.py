@@ -23,13 +23,9 @@ from rlcore.context import RunContext
 from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
-from rlcore_backends.common.policy_pass import logprobs_pass, loss_norm, loss_pass, non_finite_error
-from rlcore_backends.common.train_options import (TrainOptions, autocast, build_optimizer, enable_gradient_checkpointing,
-                                           warmup_factor)
+from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
+from rlcore_backends.common.train_options import TrainOptions, autocast, build_optimizer, enable_gradient_checkpointing
 from rlcore_backends.common.weights import load_saved_weights
-
-__all__ = ["TorchBackend", "warmup_factor"]
-
 
 class TorchBackend:
     """Trains the policy in this process with plain PyTorch on the hardware plugin's device."""
@@ -74,7 +70,7 @@ class TorchBackend:
         steps = tokens = 0
         for _ in range(plan.epochs):
             for mini in batch.split(math.ceil(len(batch) / plan.mini_batches)):
-                for name, value in self._step(mini, loss, loss_norm(mini.response_mask, max_len)).items():
+                for name, value in self._step(mini, loss, LossNorm.of(mini.response_mask, max_len)).items():
                     sums[name] += value
                 steps += 1
                 tokens += int(mini.prompt_mask.sum() + mini.attention_mask.sum())

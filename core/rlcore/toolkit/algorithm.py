@@ -1,6 +1,6 @@
-"""What every algorithm shares: reward shaping (DAPO overlong, KL in the reward), the KL coefficient,
-dynamic sampling, per-step metrics and checkpoint state. An algorithm adds its `advantage` and
-`policy_loss` hooks on top.
+"""The `Algorithm` base: what every algorithm shares (reward shaping: DAPO overlong, KL in the reward; the
+KL coefficient; dynamic sampling; per-step metrics; checkpoint state). An algorithm adds its `advantage` and
+`policy_loss` hooks on top, or takes the group-normalised advantage from `GroupRelativeAlgorithm`.
 
 Step metrics (`step_metrics` hook, as `algo/<name>`): kl_coef (the coefficient used this step) and, when
 active, kl_ref_measured (KL of the sampling policy to the reference; it steers an adaptive coefficient),
@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from rlcore import RolloutBatch, hookimpl
-from rlcore_algorithms.kl import KLController, kl_estimate
-from rlcore_algorithms.shaping import keep_varied_groups, overlong_penalty
+from rlcore.toolkit.advantages import broadcast, grpo_advantages
+from rlcore.toolkit.kl import KLController, kl_estimate
+from rlcore.toolkit.losses import ClippedSurrogateLoss
+from rlcore.toolkit.shaping import keep_varied_groups, overlong_penalty
 
 
 @attrs.frozen
@@ -85,6 +87,12 @@ class Algorithm:
         return {"kl": self.kl, "kl_estimator": o.kl_estimator, "kl_in_reward": o.kl_mode == "reward",
                 "entropy_coef": o.entropy_coef, "tis_cap": o.tis_cap}
 
+    def clipped_surrogate(self) -> ClippedSurrogateLoss:
+        """PPO's clipped surrogate configured by `ClipOptions`, with this algorithm's KL, entropy and TIS terms."""
+        o = self.options
+        return ClippedSurrogateLoss(agg=o.loss_agg_mode, clip_low=o.clip_low, clip_high=o.clip_high,
+                                    dual_clip=o.dual_clip, **self.loss_terms())
+
     def rewards(self, batch: RolloutBatch) -> Rewards:
         """Shape the batch's rewards: mask truncated responses (if asked), add the overlong penalty, and
         measure the KL to the reference, as a reward penalty when `kl_mode=reward`."""
@@ -135,3 +143,16 @@ class Algorithm:
     def finish(self, batch: RolloutBatch, advantages: Tensor) -> Tensor:
         """The advantages with exact zeros outside the (possibly narrowed) loss mask."""
         return advantages.where(batch.response_mask > 0, 0.0)
+
+
+
+class GroupRelativeAlgorithm(Algorithm):
+    """An `Algorithm` with the group-normalised advantage (GRPO, GMPO, GSPO, DAPO, Dr.GRPO): the shaped
+    reward minus its group's mean, divided by the group's std unless `norm_adv_by_std` is false, on every
+    loss token. Its options need `GroupNormOptions`."""
+
+    @hookimpl
+    def advantage(self, batch: RolloutBatch) -> Tensor:
+        o = self.options
+        adv = grpo_advantages(self.rewards(batch).total, batch.group_ids, o.norm_adv_by_std, o.adv_eps)
+        return self.finish(batch, broadcast(adv, batch.response_mask))

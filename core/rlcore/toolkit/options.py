@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 
 from rlcore.config import check_choice, check_range
-from rlcore_algorithms.aggregation import AGG_MODES
-from rlcore_algorithms.kl import KL_ESTIMATORS
+from rlcore.toolkit.aggregation import AGG_MODES
+from rlcore.toolkit.kl import KL_ESTIMATORS
 
 
 @attrs.define

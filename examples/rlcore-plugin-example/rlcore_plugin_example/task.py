@@ -1,4 +1,4 @@
-"""An example third-party rlcore task: copy a digit string ("4821=" -> "4821").
+"""The example task `echo`: copy a digit string ("4821=" -> "4821").
 
 Published through the `rlcore.task` entry point in pyproject.toml; `rlcore run --task echo` selects it.
 """

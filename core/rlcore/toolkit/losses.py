@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from rlcore.types import LossInputs, LossNorm, PolicyLoss
-from rlcore_algorithms.aggregation import aggregate, masked, token_mean
-from rlcore_algorithms.kl import KLController, kl_estimate
+from rlcore.toolkit.aggregation import aggregate, masked, token_mean
+from rlcore.toolkit.kl import KLController, kl_estimate
 
 LOG_RATIO_MAX = 20.0
 """Log-ratios are clamped to +-20 so exp() stays finite for tokens the policy has moved far away from."""
