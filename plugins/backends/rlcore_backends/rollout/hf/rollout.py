@@ -157,7 +157,8 @@ class HFRollout:
     def sync_weights(self, weights: Weights) -> dict[str, float]:
         """Copy the trainer's full weights into the rollout model (cast to its dtype and device)."""
         if weights.adapter:
-            raise RLCoreError("the hf rollout loads full weights only; adapter-only weights are not supported yet")
+            raise RLCoreError("the hf rollout loads full weights only; adapter-only weights are not supported: "
+                              "set backend.sync=merged, or use the vllm rollout, which loads adapters")
         start = time.perf_counter()
         source = weights.module.state_dict().items() if weights.module is not None else weights.named_tensors()
         copy_weights(self.model, source)

@@ -113,7 +113,8 @@ class SGLangRollout:
         """Load the trainer's full weights into SGLang; returns the time, buckets and megabytes sent."""
         if weights.adapter:
             raise RLCoreError("the sglang rollout loads full weights only; adapter-only weights are not supported: "
-                              "merge the adapter in the backend or use the hf rollout")
+                              "set backend.sync=merged (the lora backend then sends merged full weights), "
+                              "or use the vllm rollout, which loads adapters")
         start = time.perf_counter()
         stats = self._load(weights)
         self.last = weights
