@@ -47,7 +47,8 @@ def check_cpu_head_size(path: str) -> None:
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head not in sizes:
-        raise RLCoreError(f"vLLM on CPU supports attention head sizes {sizes}; this model's is {head}: pass --model with a supported model, or use --rollout hf")
+        raise RLCoreError(f"vLLM on CPU supports attention head sizes {sizes}; this model's is {head}: "
+                          "pass --model with a supported model, or use --rollout hf")
 
 
 def adapter_sync_rank(config: dict[str, Any]) -> int:
