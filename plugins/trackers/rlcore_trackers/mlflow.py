@@ -67,8 +67,9 @@ class MLflowTracker(Tracker):
 
         with _quiet():
             self.client = MlflowClient(tracking_uri=self.location())
-            if run_id is not None:
+            if run_id is not None:  # params are immutable in MLflow: a resumed run's config is config.yaml
                 self.client.update_run(run_id, status="RUNNING")
+                self.client.log_dict(run_id, self.config, "config.yaml")
                 return run_id
             experiment = self.client.get_experiment_by_name(self.options.experiment)
             local = self.location().startswith("sqlite:///") and not self.options.tracking_uri

@@ -46,8 +46,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(self.location(), purge_step=resume_step + 1 if run_id else None)
-        if run_id is None:
-            self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(self.config, sort_keys=False) + "```", 0)
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(self.config, sort_keys=False) + "```", resume_step)
         return run_id or self.location()
 
     def write_metrics(self, step: int, metrics: dict[str, float]) -> None:
