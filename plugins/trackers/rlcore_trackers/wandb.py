@@ -46,7 +46,7 @@ class WandbTracker(Tracker):
         self.run = wandb.init(project=o.project, entity=o.entity or None, mode=o.mode, dir=str(self.run_dir),
                               name=self.run_dir.name, id=run_id, resume="allow" if run_id else None,
                               config=self.config, tags=o.tags or None,
-                              settings=wandb.Settings(console="off", x_disable_stats=True))
+                              settings=wandb.Settings(console="off"))
         self.run.define_metric(STEP)
         self.run.define_metric("*", step_metric=STEP)
         return self.run.id
