@@ -29,7 +29,7 @@ from rlcore.context import RunContext
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
 from rlcore_backends.update.fsdp.worker import DCP_DIR, FSDPWorker, LoRASpec, RankSpec, torchrun_rank
 from rlcore_backends.common.micro_batches import rank_shards
-from rlcore_backends.common.train_options import TrainOptions
+from rlcore_backends.common.train_options import TrainOptions, with_run_length
 from rlcore_backends.common.worker_group import SpawnedGroup, TorchrunGroup, serve_ranks
 
 
@@ -68,7 +68,7 @@ class FSDPBackend:
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
         """Start the ranks (each loads and shards the policy, builds its AdamW shard) and wait until all are ready."""
-        opts = self.options
+        opts = self.options = with_run_length(self.options, ctx.config)
         launched = torchrun_rank()
         if launched is not None:
             rank, local_rank, world_size = launched
