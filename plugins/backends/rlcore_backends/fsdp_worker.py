@@ -9,6 +9,7 @@ gradients in every backward.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from collections import defaultdict
@@ -203,7 +204,16 @@ class FSDPWorker:
         return self.steps
 
     def close(self) -> None:
+        """Leave the process group and free it before this process exits. Freeing joins gloo's worker
+        threads; `destroy_process_group` alone does not, since FSDP's device mesh keeps the group alive
+        (and DTensor's caches keep the mesh). A worker thread left running may still be releasing the
+        last collective's tensors, which needs the GIL: during interpreter finalization that kills the
+        thread inside a noexcept destructor and the process aborts ("terminate called without an active
+        exception") after a run that succeeded."""
         dist.destroy_process_group()
+        self.mesh._pg_registry.clear()  # the mesh's own references to its groups (no public API drops them)
+        self.model = self.reference = self.optimizer = self.scheduler = self.mesh = None
+        gc.collect()  # FSDP's modules and hooks form cycles that hold the group too
 
     # ---- one optimizer step -----------------------------------------------------------------------
 
