@@ -13,6 +13,8 @@ QWEN3_TOKENIZER = REPO / "tests" / "data" / "qwen3-tokenizer"
 """The real Qwen3 tokenizer: tokenizer.json and tokenizer_config.json (tests/data/qwen3-tokenizer/SOURCE.md)."""
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
+GSM8K_FIRST_TEST = REPO / "examples" / "data" / "gsm8k" / "test.jsonl"
+"""The first 16 rows of GSM8K's test split, shipped (examples/data/SOURCE.md)."""
 
 
 def require(path: Path | str, what: str, option: str) -> Path:

@@ -131,7 +131,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="rlcore-lora-sync-") as tmp:
         root = Path(tmp)
-        paths = {"tiny": lambda: build_tiny(root / "tiny-model"), "smollm2-135m": lambda: require(SMOLLM2, "SmolLM2-135M-Instruct (GGUF)", "--models tiny to skip it")}
+        smollm2 = "SmolLM2-135M-Instruct (GGUF)"
+        paths = {"tiny": lambda: build_tiny(root / "tiny-model"),
+                 "smollm2-135m": lambda: require(SMOLLM2, smollm2, "--models tiny to leave it out")}
         for name in args.models.split(","):
             results[name] = bench_model(name, paths[name](), root, args)
 

@@ -34,12 +34,15 @@ from rlcore import Prompt, SamplingParams, Weights  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared_data import GSM8K_TEST, SMOLLM2, require  # noqa: E402
+from _shared_data import GSM8K_FIRST_TEST, GSM8K_TEST, SMOLLM2, require  # noqa: E402
 
 
 def gsm8k_prompts(count: int) -> list[Prompt]:
-    """The first `count` GSM8K test questions as single user turns."""
-    with open(require(GSM8K_TEST, "GSM8K's test split (the prompts)", "a copy at that path")) as f:
+    """The first `count` GSM8K test questions as single user turns (the first 16 ship with the examples)."""
+    shipped = len(GSM8K_FIRST_TEST.read_text().splitlines())
+    path = GSM8K_FIRST_TEST if count <= shipped else require(
+        GSM8K_TEST, f"GSM8K's test split (for more than {shipped} prompts)", f"--prompts {shipped} or fewer")
+    with open(path) as f:
         rows = [json.loads(line) for _, line in zip(range(count), f)]
     return [Prompt(messages=[{"role": "user", "content": r["question"]}], id=str(i)) for i, r in enumerate(rows)]
 

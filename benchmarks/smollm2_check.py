@@ -350,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     args.vllm_set = args.vllm_set if args.vllm_set is not None else ["rollout.max_model_len=2048"]
     if args.model == str(SMOLLM2):
-        require(SMOLLM2, "The default model, SmolLM2-135M-Instruct (GGUF)", "--model PATH (a directory, GGUF or hub id)")
+        require(SMOLLM2, "The default model, SmolLM2-135M-Instruct (GGUF)", "--model PATH (directory, GGUF, hub id)")
     if not args.no_gsm8k:
         require(args.gsm8k, "GSM8K's test split", "--gsm8k FILE (a GSM8K test jsonl) or --no-gsm8k")
 

@@ -34,7 +34,8 @@ def test_gguf_model_is_dequantised_into_the_run_and_trains(tmp_path: Path) -> No
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.convert_ids_to_tokens(tokenizer("What is 3")["input_ids"])[:2] == ["Wh", "at"]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_000001" / "backend" / "model")

@@ -37,7 +37,8 @@ def byte_alphabet() -> list[str]:
 
 def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """Reorder each head's Q/K rows from Hugging Face's rotate-half RoPE layout to llama.cpp's pairwise one."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
 def build_tiny_gguf(path: Path, seed: int = 0) -> torch.nn.Module:

@@ -211,7 +211,8 @@ class FSDPWorker:
         thread inside a noexcept destructor and the process aborts ("terminate called without an active
         exception") after a run that succeeded."""
         dist.destroy_process_group()
-        self.mesh._pg_registry.clear()  # the mesh's own references to its groups (no public API drops them)
+        # the mesh's own references to its groups (torch >= 2.9; no public API drops them)
+        getattr(self.mesh, "_pg_registry", {}).clear()
         self.model = self.reference = self.optimizer = self.scheduler = self.mesh = None
         gc.collect()  # FSDP's modules and hooks form cycles that hold the group too
 
