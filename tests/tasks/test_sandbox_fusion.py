@@ -24,7 +24,7 @@ from rlcore_tasks.code import Code
 from rlcore_tasks.sandbox import Limits, SandboxError
 from rlcore_tasks.sandbox_fusion import SandboxFusion, endpoint
 
-HUMANEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "humaneval" / "HumanEval.jsonl"
+HUMANEVAL = Path(__file__).resolve().parents[1] / "data" / "humaneval" / "HumanEval.jsonl"
 FIELDS = {"code": str, "language": str, "stdin": (str, type(None)), "run_timeout": (int, float),
           "compile_timeout": (int, float), "memory_limit_MB": int, "files": dict, "fetch_files": list}
 LANGUAGES = ("python", "cpp", "nodejs", "go", "java", "bash")

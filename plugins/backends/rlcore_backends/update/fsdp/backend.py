@@ -11,8 +11,6 @@ the single-process torch backend's step on the same batch up to float rounding.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -74,12 +72,8 @@ class FSDPBackend:
             rank, local_rank, world_size = launched
             worker = FSDPWorker(self._rank_spec(ctx, rank, local_rank, world_size))
             if rank != 0:
-                serve_ranks(worker)  # this rank served rank 0's run (the loop runs only there) and closed
-                sys.stdout.flush()
-                sys.stderr.flush()
-                # Skip interpreter teardown: gloo's threads could abort it ("terminate called without an
-                # active exception", seen once in CI) after the process group was already destroyed.
-                os._exit(0)
+                serve_ranks(worker)
+                raise SystemExit(0)  # this rank served rank 0's run (the loop runs only there) and closed
             self.group = TorchrunGroup(worker)
             return
         threads = max(1, torch.get_num_threads() // opts.world_size)
