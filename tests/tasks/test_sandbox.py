@@ -356,7 +356,7 @@ CORE = Path(sys.modules["rlcore"].__file__).parents[1]
                     reason="needs root, setpriv and /usr/bin/python3 to become an unprivileged user")
 def test_unprivileged_user_mode():
     """Started by a non-root user, the sandbox runs in a user namespace of its own: same uid, the same
-    process limit counted per sandbox, the same seccomp filter."""
+    process limit counted per sandbox, the same seccomp filter, a read-only /dev, and no cgroup."""
     paths = [SITE, TASKS, CORE, Path(find_bwrap())]
     if not all(world_traversable(p) for p in paths):
         pytest.skip(f"{paths} are not all reachable by another user")
@@ -365,8 +365,10 @@ def test_unprivileged_user_mode():
         "s = BwrapSandbox(Limits(timeout_s=10, cpu_s=2, memory_mb=128, processes=8))\ns.check()\n"
         f"fork = {FORK_COUNT!r}\n"
         "unshare = 'import ctypes\\nprint(ctypes.CDLL(None).unshare(0x10000000))'\n"
+        "dev = 'for p in (\"/dev/x\", \"/dev/shm/x\"):\\n    try:\\n        open(p, \"w\")\\n    except OSError as e:\\n        print(e.errno)'\n"
         "print(json.dumps({'as_root': s.as_root, 'uid': s.run('import os; print(os.getuid())').stdout,\n"
-        "    'forked': s.run(fork).stdout, 'unshare': s.run(unshare).stdout}))")
+        "    'forked': s.run(fork).stdout, 'unshare': s.run(unshare).stdout, 'dev': s.run(dev).stdout.split(),\n"
+        "    'cgroups': s.cgroups is not None}))")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": os.pathsep.join(map(str, (CORE, TASKS, SITE)))}
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", script],
                          env=env, capture_output=True, text=True, timeout=120)
@@ -374,4 +376,5 @@ def test_unprivileged_user_mode():
     seen = json.loads(out.stdout.splitlines()[-1])
     assert seen["as_root"] is False and seen["uid"] == "65534\n"
     assert 0 < int(seen["forked"]) < 8 and seen["unshare"] == "-1\n"
+    assert seen["dev"] == [str(errno.EROFS)] * 2 and seen["cgroups"] is False  # /dev is its own there, but read-only
 
