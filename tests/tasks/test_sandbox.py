@@ -219,8 +219,8 @@ def test_a_sandbox_is_one_cgroup_bounded_as_a_whole():
     (cgroup,) = seen
     assert r.stdout.count("held") < 4 and r.exit_code != 0
     assert all(not d.exists() for d in cgroup.dirs)
-    if "memory" in cgroups.controllers:
-        assert cgroup.peak("memory") is None or cgroup.peak("memory") <= 96 << 20
+    peak = cgroup.peak("memory")  # kept from removal; cgroup v2 before Linux 5.19 keeps none
+    assert "memory" not in cgroups.controllers or (peak is None and cgroups.version == 2) or peak <= 96 << 20
 
 
 def test_timeout_kills_at_the_deadline():

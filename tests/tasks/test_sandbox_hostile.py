@@ -446,8 +446,9 @@ def test_exhausting_inodes_in_tmp(task, cgroups_made):
     with hostile():
         reward, _ = score(task, code, ["assert f() == 1"])
     assert reward == 0.0 and available_kb() > free - (512 << 10)
-    peaks = [c.peak("memory") for c in cgroups_made]
-    assert all(peak is None or peak <= LIMITS["memory_mb"] << 20 for peak in peaks)
+    peaks = [c.peak("memory") for c in cgroups_made if "memory" in CGROUPS.controllers]
+    assert all((peak is None and CGROUPS.version == 2) or peak <= LIMITS["memory_mb"] << 20 for peak in peaks)
+    assert peaks == [] or max(p or 0 for p in peaks) > 16 << 20  # the inodes were charged to the sandbox
 
 
 def test_huge_output_and_a_slow_drip(task):

@@ -79,6 +79,8 @@ class SandboxCgroup:
 
     def __init__(self, dirs: list[Path]) -> None:
         self.dirs = dirs
+        self.peaks: dict[str, int | None] = {}
+        """The high-water marks when it was removed (see `peak`)."""
 
     @property
     def procs(self) -> list[str]:
@@ -90,7 +92,10 @@ class SandboxCgroup:
         return {int(p) for d in self.dirs for p in _read(d / "cgroup.procs").split()}
 
     def peak(self, name: str) -> int | None:
-        """A counter's high-water mark (`memory` bytes, `pids`), where the kernel keeps one."""
+        """A counter's high-water mark (`memory` bytes, `pids`), where the kernel keeps one (after
+        `remove`, its last value)."""
+        if name in self.peaks:
+            return self.peaks[name]
         files = {"memory": ("memory.peak", "memory.max_usage_in_bytes"), "pids": ("pids.peak",)}[name]
         for d in self.dirs:
             for f in files:
@@ -114,6 +119,7 @@ class SandboxCgroup:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.005)
+        self.peaks = {name: self.peak(name) for name in ("memory", "pids")}
         for d in self.dirs:
             try:
                 d.rmdir()
