@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from open_files import past_select_limit
 
 import rlcore_tasks
 from rlcore_tasks.cgroups import Cgroups, detect
@@ -135,21 +136,9 @@ def test_a_program_printing_like_bwrap_is_just_a_program(sandbox):
 
 def test_many_open_files_in_the_trainer(sandbox):
     """Waiting on a sandbox works with file descriptors past select()'s 1024."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
-    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
-    try:
-        assert held[-1] > 1024
+    with past_select_limit():
         assert sandbox.run("print('ok')").stdout == "ok\n"
         assert sandbox.call("def f(x):\n    return x * 2", "", [encode(("call", "f", (21,), {}))]).results == b"4:i2a;"
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_calls_run_the_solution_as_a_module_and_return_plain_results(sandbox):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from open_files import past_select_limit
 
 from rlcore import Prompt
 from rlcore.config import build_options
@@ -221,6 +222,17 @@ def test_taking_over_the_harness_scores_nothing(task, name):
     with hostile():
         reward, info = score(task, f"{HACKS[name]}\ndef f(x):\n    return 0", tests)
     assert reward == 0.0 and info["reward_error"] == 0.0
+
+
+def test_results_that_would_keep_the_judge_busy(task):
+    """A result that makes a test loop for ages, and a set of ints that all hash alike (quadratic to
+    build): the judge is stopped at its deadline (and replaced), the response scores 0, in bounded time."""
+    code = "def f(x):\n    return 10 ** 18\ndef g():\n    return {i * (2 ** 61 - 1) for i in range(3000)}"
+    with hostile():
+        start = time.monotonic()
+        reward, _ = score(task, code, ["assert sum(range(f(1))) == 45", "assert g() == {1}"])
+        assert time.monotonic() - start < 2 * LIMITS["timeout_s"] + SLACK_S
+    assert reward == 0.0
 
 
 def test_an_object_equal_to_everything_scores_nothing(task):
@@ -532,22 +544,11 @@ def test_setsid_children_do_not_starve_their_neighbour(task):
 
 
 def test_many_open_files_in_the_trainer(task):
-    """Waiting on sandboxes with file descriptors past select()'s 1024 (issue: a ValueError, reward error)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
-    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
-    try:
-        with hostile():
-            reward, info = score(task, "def f():\n    return 0", ["assert f() == 1"])
-        assert reward == 0.0 and info["reward_error"] == 0.0
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    """Waiting on sandboxes with file descriptors past select()'s 1024 (once a ValueError: the correct
+    neighbour scored 0 with a reward error)."""
+    with past_select_limit(), hostile():
+        reward, info = score(task, "def f():\n    return 0", ["assert f() == 1"])
+    assert reward == 0.0 and info["reward_error"] == 0.0
 
 
 def test_a_forged_sandbox_failure_is_a_wrong_answer(task):

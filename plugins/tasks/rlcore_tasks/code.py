@@ -61,9 +61,10 @@ class Code:
         max_workers: int = attrs.field(default=2, validator=check_range(1))
         """Sandboxes running at once."""
         timeout_s: float = attrs.field(default=6.0, validator=check_range(0.1))
-        """Wall-clock seconds per run (one run tests all asserts of a response, or one stdin case)."""
+        """Wall-clock seconds per sandbox run (one replays all asserts' calls of a response, or runs one stdin
+        case), and per judge pass over a response's tests."""
         cpu_s: int = attrs.field(default=4, validator=check_range(1))
-        """CPU seconds per process in a run."""
+        """CPU seconds per process in a run, and per judge pass."""
         memory_mb: int = attrs.field(default=512, validator=check_range(32))
         """Memory of a whole sandbox (with a cgroup) and address space per process, MiB (the service's memory
         limit with sandbox_fusion); also the judge's address space."""

@@ -15,9 +15,10 @@ unknown result waits for the next pass.
 Asserts are rewritten so that, in a test waiting anyway, a failing assert does not stop it: the
 operations after it are recorded too, so that most problems need a single sandbox run.
 
-Looking into a `Remote` (comparing, hashing, iterating, converting it) fails the test for good: its
-value is not plain data, and only plain data is compared here. Each test runs with `random` seeded by
-its index, so that its operations are the same in every pass.
+Looking into a `Remote` (comparing, hashing, iterating, converting it) makes the test wait when its
+result is unknown, and fails the test for good when it is known not to be plain data: only plain data
+is compared here. Each test runs with `random` seeded by its index, so that its operations are the same
+in every pass.
 """
 
 import ast
@@ -29,7 +30,7 @@ import sys
 
 PASSED, FAILED, WAITING = 1, 0, -1
 BUILTIN_NAMES = frozenset(dir(builtins))
-SPECULATIVE = "__rlcore_waiting__"
+WAITING_CHECK = "__rlcore_waiting__"
 """The judge namespace's function that rewritten asserts ask whether the test already waits."""
 CACHE = 256
 """Problems whose compiled tests are kept."""
@@ -190,7 +191,7 @@ class _WaitingAsserts(ast.NodeTransformer):
 
     def visit_Assert(self, node):
         check = ast.If(test=ast.UnaryOp(op=ast.Not(), operand=ast.Call(
-            func=ast.Name(id=SPECULATIVE, ctx=ast.Load()), args=[], keywords=[])), body=[ast.Raise()], orelse=[])
+            func=ast.Name(id=WAITING_CHECK, ctx=ast.Load()), args=[], keywords=[])), body=[ast.Raise()], orelse=[])
         handler = ast.ExceptHandler(type=ast.Name(id="BaseException", ctx=ast.Load()), name=None, body=[check])
         return ast.copy_location(ast.Try(body=[node], handlers=[handler], orelse=[], finalbody=[]), node)
 
@@ -237,7 +238,7 @@ class Problem:
         self.tests = [code for _, code in compiled]
         read, _ = _names([setup_tree, *(tree for tree, _ in compiled)])
         _, bound = _names([prefix_tree, setup_tree, *(tree for tree, _ in compiled)])
-        self.remote = sorted((read - bound - BUILTIN_NAMES - {SPECULATIVE}) | (read & set(shadowed)))
+        self.remote = sorted((read - bound - BUILTIN_NAMES - {WAITING_CHECK}) | (read & set(shadowed)))
 
 
 _problems = {}
@@ -253,7 +254,7 @@ def judge(problem, known, results):
             _problems.clear()
         compiled = _problems[problem] = Problem(*problem)
     session = Session(known, results)
-    namespace = {"__name__": "__main__", "__builtins__": builtins, SPECULATIVE: lambda: session.waiting}
+    namespace = {"__name__": "__main__", "__builtins__": builtins, WAITING_CHECK: lambda: session.waiting}
     namespace.update((name, Name(session, name)) for name in compiled.remote)
     random.seed(0)
     ready = _run(compiled.prefix, namespace)

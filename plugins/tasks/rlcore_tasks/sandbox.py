@@ -49,7 +49,7 @@ from pathlib import Path
 import attrs
 
 from rlcore.errors import RLCoreError
-from rlcore_tasks.cgroups import WITHOUT, Cgroups, SandboxCgroup, detect
+from rlcore_tasks.cgroups import CONTROLLERS, WITHOUT, Cgroups, SandboxCgroup, detect
 from rlcore_tasks.seccomp import namespace_filter
 
 log = logging.getLogger("rlcore.code.sandbox")
@@ -180,6 +180,8 @@ def sandbox_cgroups(setting: str) -> Cgroups | None:
             found = _DETECTED[setting] = detect(setting)
             if isinstance(found, Cgroups):
                 log.info("code sandboxes: %s bounds each sandbox as a whole", found.note)
+                if missing := [c for c in CONTROLLERS if c not in found.controllers]:
+                    log.warning("code sandboxes: no %s controller; for it, %s", " or ".join(missing), WITHOUT)
             else:
                 log.warning("code sandboxes: %s; %s", found, WITHOUT)
     found = _DETECTED[setting]
