@@ -13,11 +13,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
+import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -121,6 +120,20 @@ class Watch:
             time.sleep(0.02)
 
 
+def held_file_blocks() -> dict[str, int]:
+    """Disk blocks of every regular file this process holds open (what a sandbox given one of its fds
+    could grow: fallocate with FALLOC_FL_KEEP_SIZE reserves blocks without growing the size)."""
+    blocks = {}
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            st = os.stat(fd)
+            if stat.S_ISREG(st.st_mode):
+                blocks[os.readlink(fd)] = st.st_blocks
+        except OSError:
+            continue
+    return blocks
+
+
 def available_kb() -> int:
     return int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemAvailable")).split()[1])
@@ -130,12 +143,12 @@ def available_kb() -> int:
 def hostile() -> Iterator[Watch]:
     """Watch a hostile run, then check that the machine is as it was: no sandbox process left (the
     kernel tears a killed sandbox down within moments), the canary, this process and its parent alive,
-    the trainer's temporary directory not grown."""
+    no file the trainer holds open grown (the whole disk is shared with other work, so it is not weighed)."""
     before = {p.pid for p in sandboxed(processes(), set())}  # children other tests of the session left running
     canary = subprocess.Popen(["sleep", "120"])
     keep = before | {canary.pid}
     parent = os.getppid()
-    disk = shutil.disk_usage(tempfile.gettempdir()).used
+    files = held_file_blocks()
     watch = Watch(keep=keep)
     watch.thread.start()
     try:
@@ -151,7 +164,8 @@ def hostile() -> Iterator[Watch]:
         assert canary.poll() is None, "the canary process was killed"
         assert os.getppid() == parent
         os.kill(parent, 0)
-        assert shutil.disk_usage(tempfile.gettempdir()).used - disk < 64 << 20, "the trainer's disk filled up"
+        grown = {f: b for f, b in held_file_blocks().items() if b > files.get(f, 0) + 2048}
+        assert grown == {}, f"files of the trainer grew: {grown}"
     finally:
         canary.kill()
         canary.wait()
@@ -512,10 +526,14 @@ def test_exceptions_that_lie(task):
     assert reward == 0.0
 
 
-def test_setsid_children_do_not_starve_their_neighbour(task):
+@pytest.mark.slow  # ~16 s each: the spinner runs to its 15 s timeout
+@pytest.mark.parametrize("cgroup", ["auto", "off"])
+def test_setsid_children_do_not_starve_their_neighbour(cgroup):
     """15 spinning children that each try setsid() (under autogroup scheduling, each new session was
     worth a whole neighbour): setsid is refused and, with a cgroup, the sandbox has one CPU and the same
-    weight as every other. The neighbour here needs half a CPU second within the 5 s timeout."""
+    weight as every other (without one, all its processes share the one session bwrap made). The
+    neighbour needs 1.5 CPU seconds within 15 s: it had 1/16 of a core beside the spinner (24 s), and
+    has at least a few tenths of one now, however busy the machine."""
     spinner = textwrap.dedent("""\
         import os
         for _ in range(15):
@@ -531,15 +549,19 @@ def test_setsid_children_do_not_starve_their_neighbour(task):
         while True:
             pass
     """)
-    busy = ("```python\nimport time\ndef g(x):\n    end = time.process_time() + 0.5\n    while time.process_time() < end:\n"
+    busy = ("```python\nimport time\ndef g(x):\n    end = time.process_time() + 1.5\n    while time.process_time() < end:\n"
             "        pass\n    return x * x\n```")
     batch = make_batch(groups=2, n=1)
     batch.texts = [f"```python\n{spinner}\n```", busy]
     batch.prompts = [Prompt(messages=[{"role": "user", "content": "?"}], id=i, answer={
         "kind": "asserts", "prefix": "", "entry_point": "", "setup": "", "tests": t})
         for i, t in (("spinner", ["assert f() == 1"]), ("busy", ["assert g(3) == 9"]))]
-    with hostile():
-        rewards = task.score(batch).rewards.tolist()
+    task = Code(build_options(Code.Options, {**LIMITS, "timeout_s": 15.0, "cgroup": cgroup}, "task"))
+    try:
+        with hostile():
+            rewards = task.score(batch).rewards.tolist()
+    finally:
+        task.teardown()
     assert rewards == [0.0, 1.0]
 
 
@@ -585,7 +607,7 @@ def test_network_access(task):
         server.accept()
     server.close()
     assert reward == 0.0
-    assert result.stdout.splitlines() == ["[(1, 'lo')]", f"refused {errno.ECONNREFUSED}", "no dns"]
+    assert result.stdout.splitlines() == ["[(1, 'lo')]", f"refused {errno.ECONNREFUSED}", "no dns"], result
 
 
 def test_secrets_environment_and_home_are_invisible(task, tmp_path, monkeypatch):
