@@ -5,9 +5,10 @@ A problem's tests (`Prompt.answer`) are one of:
 - `{"kind": "asserts", "prefix": str, "entry_point": str, "setup": str, "tests": [str, ...], "shadowed":
   [str, ...]}`: Python tests of a solution (HumanEval: one test, `check(entry_point)`; MBPP: one per
   assert), each passing when it raises nothing; `shadowed` (optional) names builtins that the solution
-  is to define (MBPP's `sum`), which the tests then take from the solution. They run in a judge process (`rlcore_tasks.judge`), never in the sandbox: the
-  sandbox runs the solution and replays the operations the tests make on it (calls, with their
-  arguments), returning each result as plain data; the judge compares. A solution can only choose its
+  is to define (MBPP's `sum`), which the tests then take from the solution. They run in a judge process
+  (`rlcore_tasks.judge`), never in the sandbox: the sandbox runs the solution and replays the operations
+  the tests make on it (calls, with their arguments), returning each result as plain data; the judge
+  compares. A solution can only choose its
   own results, never see the expected ones or a verdict. Most problems take one sandbox run; tests whose
   calls depend on earlier results take more (at most `MAX_RUNS`), and a run that hangs or ends early
   fails the tests whose results it did not give.
