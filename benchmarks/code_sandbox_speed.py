@@ -3,8 +3,9 @@ HumanEval and an MBPP canonical solution: sandbox, judge and all), one at a time
 
 With `--baseline DIR` (a directory holding `plugins/tasks` of another commit, e.g. made by
 `git archive main plugins/tasks | tar -x -C /tmp/main`), the baseline and this checkout are measured
-side by side, alternating in fresh processes round after round, and the ratio is printed: compare
-ratios, never absolute times, on a shared machine.
+side by side, alternating in fresh processes round after round (each round's pair under the same
+load), and the median of the rounds' ratios is printed: compare ratios, never absolute times, on a
+shared machine.
 
     python benchmarks/code_sandbox_speed.py --baseline /tmp/main --rounds 5
 """
@@ -88,10 +89,12 @@ def main() -> None:
             seen[name].append(json.loads(out.stdout.splitlines()[-1]))
     names = list(checkouts)
     print(f"median ms over {args.rounds} rounds (max_workers=1; {args.runs} runs, {args.problems} responses per round)")
-    print(f"{'':20}" + "".join(f"{n:>16}" for n in names) + ("   ratio" if len(names) == 2 else ""))
+    print(f"{'':20}" + "".join(f"{n:>16}" for n in names) + ("   ratio (median of the rounds' ratios)"
+                                                             if len(names) == 2 else ""))
     for item in seen[names[0]][0]:
         values = [statistics.median(r[item] for r in seen[n]) for n in names]
-        ratio = f"   {values[1] / values[0]:.2f}x" if len(values) == 2 else ""
+        ratios = [b[item] / a[item] for a, b in zip(*seen.values())] if len(names) == 2 else []
+        ratio = f"   {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
         print(f"{item:20}" + "".join(f"{v:16.1f}" for v in values) + ratio)
 
 

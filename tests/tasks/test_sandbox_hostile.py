@@ -206,8 +206,9 @@ HACKS = {
     "replacing the builtins' equality": "import builtins\nbuiltins.AssertionError = type('A', (Exception,), {})\n"
                                         "builtins.isinstance = lambda *a: True\nbuiltins.len = lambda *a: 7",
     "patching os.write": "import os\n_write = os.write\nos.write = lambda fd, data: _write(fd, b'2:T;' * 10)",
-    "patching the runner's encoder": "import sys\nm = sys.modules['__main__']\nm.encode = lambda *a, **k: b'T'\n"
-                                     "m.encode_result = lambda *a, **k: b'T'\nm.extension = lambda *a: b'T'",
+    "patching the runner's encoder": "import gc\nfor g in [o for o in gc.get_objects() if type(o) is dict and 'serve' in o]:\n"
+                                     "    g.update(encode=lambda *a, **k: b'T', encode_result=lambda *a, **k: b'T',\n"
+                                     "             extension=lambda *a: b'T')",
     "forging result frames": "import os\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
                              "        os.write(fd, b'2:T;' * 20)\n    except OSError:\n        pass",
     "printing verdicts and result lines": "import os\nfor i in range(3):\n    print(f'@@rlcore-result {b\"T\".hex()}')\n"

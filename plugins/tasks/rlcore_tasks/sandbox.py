@@ -57,8 +57,12 @@ log = logging.getLogger("rlcore.code.sandbox")
 HERE = Path(__file__).parent
 RUNNER_CODE = (HERE / "plaindata.py").read_text() + (HERE / "sandbox_runner.py").read_text()
 """The plain-data codec and the runner's functions (they import nothing of rlcore)."""
-RUNNER = RUNNER_CODE + "\nmain()\n"
-"""The sandbox's first program."""
+RUNNER = RUNNER_CODE + "\nmain(job)\n"
+"""The runner, run on the job that `BOOT` read."""
+BOOT = ("import marshal, os, sys\nwith os.fdopen(int(sys.argv[1]), 'rb') as f:\n    job = marshal.loads(f.read())\n"
+        "runner = job.pop('runner')\nexec(compile(runner, 'runner.py', 'exec') if type(runner) is str else runner,\n"
+        "     {'__name__': 'runner', '__builtins__': __builtins__, 'job': job})\n")
+"""The sandbox's first program (`python -I -S -c BOOT JOB_FD`): read the job, run the runner it holds."""
 UID_BASE, UID_COUNT = 1 << 30, 1 << 24
 """Started as root, each run's program gets a uid from [UID_BASE, UID_BASE + UID_COUNT), owned by nobody."""
 MARSHAL_VERSION = 4
@@ -198,6 +202,8 @@ class BwrapSandbox:
         self.as_root = os.geteuid() == 0
         self.filter = namespace_filter()
         self.cgroups = sandbox_cgroups(cgroup)
+        own = self.python == os.path.realpath(sys._base_executable)
+        self.runner = compile(RUNNER, "runner.py", "exec") if own else RUNNER  # saves each run compiling it
         identity = (["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
                     if self.as_root else ["--unshare-user"])
         self.prefix = [
@@ -236,7 +242,7 @@ class BwrapSandbox:
         (ready_r, ready_w), (results_r, results_w), (in_r, in_w), (out_r, out_w), (err_r, err_w) = (
             os.pipe() for _ in range(5))
         uid = UID_BASE + secrets.randbelow(UID_COUNT) if self.as_root else None
-        job.update(limits=limits.rlimits(), uid=uid, ready_fd=ready_w, results_fd=results_w)
+        job.update(limits=limits.rlimits(), uid=uid, ready_fd=ready_w, results_fd=results_w, runner=self.runner)
         job_fd, seccomp_fd = _memfd(marshal.dumps(job, MARSHAL_VERSION)), _memfd(self.filter)
         passed = (job_fd, seccomp_fd, ready_w, results_w)
         readers = {out_r: kept, err_r: kept, results_r: kept, ready_r: len(READY)}
@@ -244,7 +250,7 @@ class BwrapSandbox:
         try:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(limits.memory_mb << 20, limits.processes + SANDBOX_PIDS, limits.cpus)
-            command = [*self.prefix, "--seccomp", str(seccomp_fd), "--", self.python, "-I", "-S", "-c", RUNNER,
+            command = [*self.prefix, "--seccomp", str(seccomp_fd), "--", self.python, "-I", "-S", "-c", BOOT,
                        str(job_fd)]
             if cgroup is not None:
                 command = ["/bin/sh", "-c", JOIN_CGROUP, "sh", str(len(cgroup.procs)), *cgroup.procs, *command]

@@ -1,10 +1,12 @@
 """The first code to run inside a sandbox. Its source follows `plaindata`'s in one program (standard
 library only, no imports beyond the interpreter's own modules: it runs on the sandbox's interpreter).
 
-`main` (bubblewrap: `python -I -S -c <source> JOB_FD`) reads its job (`marshal`led, which needs no
-import, unlike json's ~10 ms) from JOB_FD, applies the resource limits, drops to the unprivileged uid
-when bwrap started it as root, tells the trainer that the sandbox is up (one byte on the job's
-`ready_fd`, then closed: nothing the program does later can unsay it), and runs the job in this process:
+Under bubblewrap, `sandbox.BOOT` (`python -I -S -c BOOT JOB_FD`) reads the job (`marshal`led, which
+needs no import, unlike json's ~10 ms) from JOB_FD, with this code in it (compiled by the trainer when
+the sandbox runs the trainer's own interpreter, else as source), and calls `main(job)`: it applies the
+resource limits, drops to the unprivileged uid when bwrap started it as root, tells the trainer that the
+sandbox is up (one byte on the job's `ready_fd`, then closed: nothing the program does later can unsay
+it), and runs the job in this process:
 - a script: the program as `__main__`;
 - calls: the solution as module `solution`, then each requested operation on it (`serve`), each result
   written to `results_fd` as plain data the moment it is known. The tests themselves never come here.
@@ -13,7 +15,6 @@ when bwrap started it as root, tells the trainer that the sandbox is up (one byt
 """
 
 import builtins
-import marshal
 import os
 import resource
 import sys
@@ -117,9 +118,8 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def main():
-    with os.fdopen(int(sys.argv[1]), "rb") as f:
-        job = marshal.loads(f.read())
+def main(job):
+    """Run `job` (see the module doc)."""
     for name, (soft, hard) in job["limits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     uid = job["uid"]
