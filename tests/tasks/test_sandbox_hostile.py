@@ -31,6 +31,7 @@ from open_files import past_select_limit
 from rlcore import Prompt
 from rlcore.config import build_options
 from rlcore.testing import make_batch
+from rlcore_tasks.cgroups import detect
 from rlcore_tasks.code import Code
 from rlcore_tasks.sandbox import UID_BASE, UID_COUNT, BwrapSandbox, Limits, sandbox_cgroups
 
@@ -705,7 +706,7 @@ def descendants(pid: int) -> list[Proc]:
 
 
 @pytest.mark.slow  # the stand-in trainer imports rlcore (and torch) first
-def test_killing_the_trainer_kills_its_sandboxes(task):
+def test_killing_the_trainer_kills_its_sandboxes_and_its_cgroups_go(task):
     trainer = subprocess.Popen([sys.executable, "-c", (
         "from rlcore_tasks.sandbox import BwrapSandbox, Limits\n"
         "BwrapSandbox(Limits(timeout_s=60, cpu_s=2, memory_mb=256, processes=8)).run('import time; time.sleep(60)')")])
@@ -720,6 +721,11 @@ def test_killing_the_trainer_kills_its_sandboxes(task):
         while (alive := [p.pid for p in started if Path(f"/proc/{p.pid}").exists()]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert alive == []
+    if CGROUPS is not None:  # the dead trainer's cgroups are swept by the next trainer that looks for cgroups
+        bases = {parent.parent for parent in CGROUPS.parents.values()}
+        assert any((base / f"rlcore-{trainer.pid}").exists() for base in bases)
+        detect()
+        assert not any((base / f"rlcore-{trainer.pid}").exists() for base in bases)
 
 
 def test_the_program_runs_unprivileged_alone_and_limited(task):

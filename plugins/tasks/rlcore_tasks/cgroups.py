@@ -6,7 +6,7 @@ calls setsid() no longer gets a scheduling group of its own: autogroups only exi
 Found once per process (`detect`): cgroup v2 with the memory, pids and cpu controllers delegated to the
 trainer's own cgroup or its parent, else the cgroup v1 hierarchies of those controllers, each where
 this process may create a directory (root, usually). Sandbox cgroups live under `rlcore-<pid>` there,
-created for each run and removed after it. Where none can be created, `Cgroups.note` says why and
+created for each run and removed after it (what a trainer killed mid-run leaves, the next one sweeps). Where none can be created, `Cgroups.note` says why and
 which weaker bounds hold instead.
 """
 
@@ -178,8 +178,25 @@ class Cgroups:
             _write(d / "cpu.cfs_quota_us", str(quota))
 
 
+def _sweep(base: Path) -> None:
+    """Remove what trainers that were killed mid-run left under `base`: `rlcore-<pid>` directories of
+    processes gone, with their sandbox cgroups (empty by then: the kernel killed the sandboxes with them)."""
+    for stale in base.glob("rlcore-*"):
+        pid = stale.name.removeprefix("rlcore-")
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            for child in [c for c in stale.iterdir() if c.is_dir()]:
+                child.rmdir()
+            stale.rmdir()
+        except OSError:
+            pass
+
+
 def _make_parent(base: Path, controllers: list[str], version: int) -> Path:
-    """`base/rlcore-<pid>`, created (with `controllers` enabled for its children on v2), removed at exit."""
+    """`base/rlcore-<pid>`, created (with `controllers` enabled for its children on v2), removed at exit;
+    stale ones of dead trainers are swept first."""
+    _sweep(base)
     parent = base / f"rlcore-{os.getpid()}"
     if not parent.is_dir():
         parent.mkdir()
