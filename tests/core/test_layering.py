@@ -43,3 +43,10 @@ def test_the_third_party_example_uses_only_rlcore():
     found = imported_packages(REPO / "examples" / "rlcore-plugin-example" / "rlcore_plugin_example")
     assert {"rlcore"} <= set().union(*found.values())
     assert not {f: n & set(DISTRIBUTIONS) for f, n in found.items() if n & set(DISTRIBUTIONS)}
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files by basename (the test folders are not packages): two files of one name in
+    different folders stop collection in a fresh clone, where no stale bytecode hides it."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
