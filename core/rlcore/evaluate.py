@@ -11,6 +11,7 @@ import attrs
 from rich.progress import Progress
 
 from rlcore.plugins import Registry
+from rlcore.scoring import check_finite
 from rlcore.types import Prompt, SamplingParams
 
 
@@ -58,6 +59,7 @@ def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingPara
             part = list(prompts[i:i + chunk])
             batch = registry.require("rollout", "sample", prompts=part, params=params, tools=tools)
             scores = registry.require("task", "score", batch=batch)
+            check_finite(scores.rewards.float(), batch.prompts, registry.names.get("task", "?"), "evaluation")
             infos = scores.info or [{} for _ in range(len(batch))]
             per_problem = [0] * len(part)
             for g, info, r in zip(batch.group_ids.tolist(), infos, scores.rewards.tolist()):

@@ -28,6 +28,8 @@ from rlcore.errors import PluginError
 KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
+FLAG_KINDS = ("algo", "backend", "rollout", "task", "hardware")
+"""Kinds `rlcore run` selects with a flag of that name; the others with `--set plugins.KIND=NAME`."""
 GROUP = "rlcore.{kind}"
 DISABLE_ENV = "RLCORE_DISABLE_PLUGINS"
 
@@ -76,10 +78,10 @@ def load(kind: str, name: str) -> type:
     """Import the plugin class `name` of `kind`, with an error that lists what is installed."""
     eps = entry_points(kind)
     names = available(kind)
-    flag = "--algo" if kind == "algo" else f"--{kind}"
+    flag = f"--{kind} NAME" if kind in FLAG_KINDS else f"--set plugins.{kind}=NAME"
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
-                          f"{', '.join(names) or '(none)'}. Choose one with {flag} NAME, "
+                          f"{', '.join(names) or '(none)'}. Choose one with {flag}, "
                           f"or pip install the package that provides {name!r}.")
     if is_disabled(kind, name):
         raise PluginError(f"{kind} plugin {name!r} is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}; "

@@ -44,6 +44,8 @@ def test_fsdp_run_resumes_exactly_and_exports(tmp_path: Path) -> None:
     shutil.rmtree(resumed / "checkpoints" / "step_000003")
     rlcore("run", "--resume", resumed)
     assert metrics(resumed) == rows, "steps 3 after resuming from step 2 equal the uninterrupted run's"
+    rlcore("run", "--resume", resumed, "--steps", 4, "--set", "backend.lr=0.5")
+    assert [r["lr"] for r in metrics(resumed)] == [2e-3] * 3 + [0.5], "every rank trains with the new lr"
 
     rlcore("export", full, "--out", tmp_path / "model")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)

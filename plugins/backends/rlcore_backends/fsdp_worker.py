@@ -34,7 +34,7 @@ from rlcore.models import load_model
 from rlcore_backends import micro_batches
 from rlcore_backends.logprobs import response_logits
 from rlcore_backends.policy_pass import logprobs_pass, loss_pass, non_finite_error
-from rlcore_backends.train_options import DTYPES, autocast, build_optimizer, enable_gradient_checkpointing
+from rlcore_backends.train_options import DTYPES, apply_lr, autocast, build_optimizer, enable_gradient_checkpointing
 
 DCP_DIR = "dcp"
 """The sharded model and optimizer state inside a checkpoint (torch.distributed.checkpoint format)."""
@@ -200,6 +200,7 @@ class FSDPWorker:
         if "optim" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.load_state_dict(trainer["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.options.lr)
         return self.steps
 
     def close(self) -> None:

@@ -36,6 +36,10 @@ class MegatronBackend:
 
     @attrs.define
     class Options:
+        RESUMABLE = ("lr", "warmup_steps", "max_grad_norm", "micro_batch_tokens", "micro_batch_size", "recompute",
+                     "worker_timeout")
+        """Options a resumed run may change (`rlcore.resume`); the others define the run."""
+
         tp: int = attrs.field(default=1, validator=check_range(1))
         """Tensor-parallel size: each layer's weights and the vocabulary split over this many devices."""
         pp: int = attrs.field(default=1, validator=check_range(1))

@@ -33,6 +33,7 @@ from rlcore_backends.megatron_loss import vocab_parallel_logprobs
 from rlcore_backends.megatron_model import (build_gpt, freeze_padding_embedding, load_shard, shard_of,
                                             transformer_config)
 from rlcore_backends.torch_backend import warmup_factor
+from rlcore_backends.train_options import apply_lr
 
 
 @attrs.frozen
@@ -140,6 +141,7 @@ class Worker:
         load_shard(self.model, state["model"], self.opts.transformer_engine)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.opts.lr)
         self.steps = state["steps"]
 
     def close(self) -> None:

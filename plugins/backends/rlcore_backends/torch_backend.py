@@ -24,8 +24,8 @@ from rlcore.models import load_model
 from rlcore_backends import micro_batches
 from rlcore_backends.export import load_cpu_model, write_model_dir
 from rlcore_backends.policy_pass import logprobs_pass, loss_norm, loss_pass, non_finite_error
-from rlcore_backends.train_options import (TrainOptions, autocast, build_optimizer, enable_gradient_checkpointing,
-                                           warmup_factor)
+from rlcore_backends.train_options import (TrainOptions, apply_lr, autocast, build_optimizer,
+                                           enable_gradient_checkpointing, warmup_factor)
 from rlcore_backends.weights import load_saved_weights
 
 __all__ = ["TorchBackend", "warmup_factor"]
@@ -132,6 +132,7 @@ class TorchBackend:
         state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.options.lr)
         self.steps = state["steps"]
 
     # ---- one optimizer step -----------------------------------------------------------------------

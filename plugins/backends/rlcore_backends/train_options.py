@@ -18,6 +18,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class TrainOptions:
     """What a trainer backend needs to take optimizer steps: AdamW, warmup, clipping, micro-batches, dtype."""
 
+    RESUMABLE = ("lr", "warmup_steps", "max_grad_norm", "micro_batch_tokens", "gradient_checkpointing",
+                 "keep_logits_mib")
+    """Options a resumed run may change (`rlcore.resume`): the schedule, clipping and memory/speed knobs; the
+    rest (AdamW's betas, eps, weight decay, dtype, ...) is restored with the optimizer or defines the run."""
+
     lr: float = attrs.field(default=1e-6, validator=check_range(0.0))
     """AdamW peak learning rate (1e-6 suits full fine-tuning of a pretrained LLM)."""
     weight_decay: float = attrs.field(default=0.0, validator=check_range(0.0))
@@ -64,6 +69,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], options: TrainOptions
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_factor, warmup_steps=options.warmup_steps))
     return optimizer, scheduler
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler: make `lr` (this run's `lr` option, which a resume
+    may have changed) the peak learning rate from the current step on, on the schedule of this run's
+    options. Loading restored the saved run's rate; with an unchanged `lr` this sets the same values."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
