@@ -3,8 +3,8 @@
 Builds a SmolLM2-135M-shaped Llama (random weights, offline) with AdamW state, then in alternating rounds
 writes a checkpoint as the torch backend does (model.safetensors + trainer.pt, fsynced) and seals it with
 `rlcore.checkpoint.write_manifest` (fsync + CRC-32 of every file, in threads), verifies it as a resume does,
-and hashes the same files with SHA-256 (threaded alike) for comparison. Prints each as a ratio to the write, measured side by
-side (the machine's speed drifts; read the ratios).
+and hashes the same files with SHA-256 (threaded alike) for comparison. Prints each as a ratio to the write,
+measured side by side (the machine's speed drifts; read the ratios).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/checkpoint_manifest.py --rounds 3
 """

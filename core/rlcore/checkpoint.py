@@ -2,8 +2,8 @@
 renamed into place when complete.
 
 A kill at any moment leaves either the previous checkpoints untouched or the new one whole; a failed
-save (a full disk, a plugin's error) removes its temporary directory; a refused write is a DiskError. `MANIFEST.json`, written last,
-records every file's size and CRC-32 and which plugins saved state; `verify` checks a checkpoint
+save (a full disk, a plugin's error) removes its temporary directory; a refused write is a DiskError.
+`MANIFEST.json`, written last, records every file's size and CRC-32 and which plugins saved state; `verify` checks a checkpoint
 against it before it is trusted, so a truncated, emptied or missing file, or a plugin's state that is
 absent, makes a checkpoint incomplete rather than silently resumed.
 """

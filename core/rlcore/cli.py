@@ -129,13 +129,14 @@ def _finite_float(low: float) -> click.ParamType:
 @click.option("--steps", type=int, default=None, help="Shortcut for --set trainer.steps=N.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set trainer.seed=N.")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="Where config.yaml, metrics.jsonl, checkpoints and summary.json go (default: runs/<time>-<algo>-<task>); "
-                   "it must not hold another run.")
+              help="Where config.yaml, metrics.jsonl, checkpoints and summary.json go (default: "
+                   "runs/<time>-<algo>-<task>); it must not hold another run.")
 @click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Continue the run in this directory from its newest complete checkpoint, with its saved config "
                    "(options that change what the run is are refused).")
 @click.option("--overwrite", is_flag=True,
-              help="Start a new run in a --run-dir that holds one, deleting its config, metrics, checkpoints and built model.")
+              help="Start a new run in a --run-dir that holds one, deleting its config, metrics, checkpoints and "
+                   "built model.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and options, print the config, and exit.")
 @click.option("--trace", is_flag=True, help="Print every hook call and result (pluggy tracing) to stderr.")
 @_user_errors
@@ -234,7 +235,7 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
 
     from rlcore.evaluate import evaluate
     from rlcore.loop import make_context, open_registry
-    from rlcore.prompt_fit import PromptFit, model_context
+    from rlcore.prompt_fit import prompt_fit
     from rlcore.rundir import load_saved_config
 
     try:
@@ -258,10 +259,9 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
                 registry.call(key, "setup", ctx=ctx)
             data = registry.require("task", "dataset", split=split)
             prompts = [data[i] for i in range(min(limit or len(data), len(data)))]
-            found = model_context(ctx.model.path)
-            if found is not None:
-                tools = [tool for tools in registry.hook.tools() for tool in (tools or [])]
-                fit = PromptFit(ctx.model.tokenizer, tools, found[0], found[1], cfg.sampling.max_new_tokens)
+            fit = prompt_fit(ctx, cfg.sampling.max_new_tokens)
+            if fit is not None:
+                fit.use_tools([tool for tools in registry.hook.tools() for tool in (tools or [])])
                 prompts = list(fit.check(prompts, f"{split} split", drop=cfg.trainer.filter_overlong_prompts))
             temp = temperature if temperature is not None else (0.0 if samples == 1 else cfg.sampling.temperature)
             params = attrs.evolve(cfg.sampling.params(), n=samples, temperature=temp)

@@ -27,7 +27,7 @@ from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
-from rlcore.prompt_fit import PromptFit, model_context
+from rlcore.prompt_fit import PromptFit, prompt_fit
 from rlcore.run_config import ResolvedConfig
 from rlcore.scoring import check_finite
 from rlcore.stopping import GracefulStop
@@ -145,11 +145,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._choose_checkpoint() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
+        fit = prompt_fit(ctx, self.cfg.sampling.max_new_tokens)  # before any worker starts: max_new_tokens fits
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
         self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
-        fit = self._prompt_fit(ctx)
+        if fit is not None:
+            fit.use_tools(self.tools)
         train = self.registry.require("task", "dataset", split="train")
         admit = None
         if fit is not None and isinstance(train, (list, tuple)):
@@ -171,13 +173,6 @@ class Trainer:
         self.hook.sync_weights(weights=self.hook.policy_weights())
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
-
-    def _prompt_fit(self, ctx: RunContext) -> PromptFit | None:
-        """The context-length check for this model, or None when its config names no context length."""
-        found = model_context(ctx.model.path)
-        if found is None:
-            return None
-        return PromptFit(ctx.model.tokenizer, self.tools, found[0], found[1], self.cfg.sampling.max_new_tokens)
 
     def _admitter(self, fit: PromptFit) -> Any:
         """Check each prompt of a generated train split as it is drawn: skip or stop on one that does not fit."""
@@ -314,9 +309,10 @@ class Trainer:
         self.error_steps = self.error_steps + 1 if metrics.get("score/reward_error") == 1.0 else 0
         if limit and self.error_steps >= limit:
             raise TrainingError(
-                f"step {self.step + 1}: task {self.cfg.selection['task']!r}: its reward function raised on every sample "
-                f"for {self.error_steps} steps in a row (the first error of each step is in the warnings above), so "
-                "nothing can be learned; fix the reward function, or raise trainer.max_reward_error_steps (0: never stop)")
+                f"step {self.step + 1}: task {self.cfg.selection['task']!r}: its reward function raised on every "
+                f"sample for {self.error_steps} steps in a row (the first error of each step is in the warnings "
+                "above), so nothing can be learned; fix the reward function, or raise trainer.max_reward_error_steps "
+                "(0: never stop)")
 
     def validate(self) -> dict[str, float]:
         """pass@1 and mean reward on the first `eval_limit` test problems."""

@@ -43,18 +43,23 @@ def model_context(model_path: str) -> tuple[int, str] | None:
 class PromptFit:
     """Whether prompts leave `max_new_tokens` of room in a context of `context` positions."""
 
-    def __init__(self, tokenizer: Any, tools: Sequence[Any], context: int, context_key: str,
-                 max_new_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, context: int, context_key: str, max_new_tokens: int,
+                 tools: Sequence[Any] = ()) -> None:
         self.tokenizer = tokenizer
-        self.schemas = [t.schema() for t in tools] or None
         self.context, self.context_key = context, context_key
         self.max_new_tokens = max_new_tokens
         self.limit = context - max_new_tokens
         self._overheads: dict[tuple[str, ...], int] = {}
+        self.use_tools(tools)
         if self.limit < 1:
             raise ConfigError(f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                               f"context of {context} positions ({context_key} in its config.json); lower "
                               "sampling.max_new_tokens")
+
+    def use_tools(self, tools: Sequence[Any]) -> None:
+        """The tools the rollout offers every prompt (they are rendered into it)."""
+        self.schemas = [t.schema() for t in tools] or None
+        self._overheads.clear()
 
     def _render(self, prompt: Prompt) -> list[int]:
         tok = self.tokenizer
@@ -112,3 +117,12 @@ class PromptFit:
         log.warning("%s: left out %d of %d prompts longer than %d tokens (trainer.filter_overlong_prompts)",
                     where, dropped, len(prompts), self.limit)
         return kept
+
+
+def prompt_fit(ctx: Any, max_new_tokens: int) -> PromptFit | None:
+    """The context-length check for the run's model (a RunContext), or None when its config names no context
+    length; a ConfigError at once when `max_new_tokens` alone leaves no room."""
+    found = model_context(ctx.model.path)
+    if found is None:
+        return None
+    return PromptFit(ctx.model.tokenizer, found[0], found[1], max_new_tokens)

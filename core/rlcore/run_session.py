@@ -34,7 +34,7 @@ def train(cfg: ResolvedConfig, run_dir: Path, resume: bool, changes: list[Change
     """Train in `run_dir` (a new run, or `resume` one) until `trainer.steps` or a signal."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if launch_rank() != 0:
-        _serve_rank(cfg, run_dir, resume, trace)
+        _serve_rank(cfg, run_dir, trace)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
@@ -75,7 +75,8 @@ def train(cfg: ResolvedConfig, run_dir: Path, resume: bool, changes: list[Change
             trainer.close()
         if trainer.stopped_by is not None:
             record(run_dir, "stop", trainer.step, signal=trainer.stopped_by, checkpoint=summary.last_checkpoint)
-            where = f"checkpoint {summary.last_checkpoint}" if summary.last_checkpoint else "no step finished, nothing saved"
+            where = (f"checkpoint {summary.last_checkpoint}" if summary.last_checkpoint
+                     else "no step finished, nothing saved")
             click.echo(f"stopped by {trainer.stopped_by} at step {trainer.step} ({where}); resume with: "
                        f"{resume_command(run_dir)}", err=True)
             raise click.exceptions.Exit(exit_status(signal.Signals[trainer.stopped_by]))
@@ -93,7 +94,8 @@ def _resumed(trainer: Trainer, cfg: ResolvedConfig, run_dir: Path, text: str, ch
     for path, why in trainer.skipped:
         click.echo(f"skipped incomplete checkpoint {path.name} ({why}); removed it")
     if trainer.resumed_from is None:
-        click.echo(f"no checkpoint in {run_dir / 'checkpoints'} yet: the run starts over from step 0 with its saved config")
+        click.echo(f"no checkpoint in {run_dir / 'checkpoints'} yet: the run starts over from step 0 with its saved "
+                   "config")
     else:
         click.echo(f"resumed from {trainer.resumed_from} at step {trainer.step}")
     if cfg.trainer.steps < trainer.step:
@@ -110,16 +112,17 @@ def _resumed(trainer: Trainer, cfg: ResolvedConfig, run_dir: Path, text: str, ch
         click.echo(f"the run is complete at step {trainer.step} (trainer.steps); pass --steps N with N > "
                    f"{trainer.step} to train on")
         return False
+    (run_dir / "summary.json").unlink(missing_ok=True)  # the run is no longer finished
     return True
 
 
-def _serve_rank(cfg: ResolvedConfig, run_dir: Path, resume: bool, trace: bool) -> None:
+def _serve_rank(cfg: ResolvedConfig, run_dir: Path, trace: bool) -> None:
     """A torchrun rank other than 0: its backend serves rank 0's loop from inside `setup` and exits there;
     rank 0 alone holds the lock, writes the run directory and handles signals."""
     ignore_signals()
     trainer = Trainer(cfg, run_dir, trace=trace)
     try:
-        trainer.setup(resume=resume)
+        trainer.setup(resume=False)  # rank 0 chooses the checkpoint and loads it into every rank
     finally:
         trainer.close()
     raise RunDirError(f"under torchrun (rank {launch_rank()}) the {cfg.selection['backend']!r} backend trains in one "

@@ -72,7 +72,7 @@ def test_fsdp_under_torchrun(tmp_path: Path, rlcore_tiny_model: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlcore"]
     run_dir = tmp_path / "run"
     rlcore("run", "--backend", "fsdp", "--model", rlcore_tiny_model, "--run-dir", run_dir, "--steps", 2,
-           "--set", "backend.lr=2e-3", *SMALL, launcher=torchrun)
+           "--set", "backend.lr=2e-3", "--set", "sampling.max_new_tokens=4", *SMALL, launcher=torchrun)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert len(list((run_dir / "checkpoints" / "step_000002" / "backend" / "dcp").glob("*.distcp"))) == 2
 
