@@ -24,6 +24,9 @@ from rlcore.types import ModelSpec
 TINY_CHARS = "0123456789+-*="
 """The embedded tokenizer's alphabet: enough for the arithmetic task's compact prompts and answers."""
 SPECIALS = ("<pad>", "<eos>", "<unk>")
+CONTEXT = 4096
+"""The embedded models' positions (rotary, so no parameter or output depends on it): room for the CPU recipes'
+MATH and MBPP prompts, which the context-length check would otherwise refuse."""
 
 
 def build_tiny_tokenizer(directory: Path) -> None:
@@ -57,7 +60,7 @@ def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: i
     vocab = len(SPECIALS) + len(TINY_CHARS)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=CONTEXT,
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
@@ -120,7 +123,7 @@ def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hid
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         max_position_embeddings=CONTEXT, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3]}),

@@ -61,10 +61,10 @@ def test_raising_rewards_may_be_tolerated(tmp_path, bad_tasks):
 
 
 def test_max_new_tokens_beyond_the_context_is_an_error_before_training(tmp_path):
-    """The embedded model has 128 positions."""
-    r = run("--run-dir", tmp_path / "r", "--steps", 1, *SMALL, "--set", "sampling.max_new_tokens=400")
+    """The embedded model has 4096 positions."""
+    r = run("--run-dir", tmp_path / "r", "--steps", 1, *SMALL, "--set", "sampling.max_new_tokens=9000")
     assert r.exit_code == 2, r.output
-    assert ("sampling.max_new_tokens=400 leaves no room for a prompt in the model's context of 128 positions "
+    assert ("sampling.max_new_tokens=9000 leaves no room for a prompt in the model's context of 4096 positions "
             "(max_position_embeddings" in r.output)
     assert not (tmp_path / "r").exists() or not (tmp_path / "r" / "metrics.jsonl").exists()
 
@@ -83,7 +83,8 @@ def test_a_prompt_longer_than_the_context_is_an_error_before_training(tmp_path):
     r = run("--run-dir", tmp_path / "r", *args)
     assert r.exit_code == 2, r.output
     assert ("train split: prompt 'train-2' has 81" in r.output and "tokens, and with sampling.max_new_tokens=4 it "
-            "exceeds the model's context of 128 positions" in r.output and "trainer.filter_overlong_prompts" in r.output)
+            "exceeds the model's context of 4096 positions" in r.output)
+    assert "trainer.filter_overlong_prompts" in r.output
     r = run("--run-dir", tmp_path / "r2", *args, "--set", "trainer.filter_overlong_prompts=true")
     assert r.exit_code == 0, r.output
     assert [row["step"] for row in MetricsLog.read(tmp_path / "r2" / "metrics.jsonl")] == [1]
@@ -91,8 +92,8 @@ def test_a_prompt_longer_than_the_context_is_an_error_before_training(tmp_path):
 
 def test_a_generated_dataset_is_checked_as_prompts_are_drawn(tmp_path):
     """Arithmetic generates its 100,000 problems on access, so each is checked when the stream draws it:
-    two 31-digit operands make ~63-token prompts, which do not fit 128 positions with 100 new tokens."""
+    two 31-digit operands make ~63-token prompts, which do not fit 4096 positions with 4050 new tokens."""
     r = run("--run-dir", tmp_path / "r", "--steps", 2, *SMALL, "--set", f"task.max_operand={10**30}",
-            "--set", "sampling.max_new_tokens=100")
+            "--set", "sampling.max_new_tokens=4050")
     assert r.exit_code == 2, r.output
     assert "Error: step 1, train split: prompt 'train-" in r.output and "exceeds the model's context" in r.output
