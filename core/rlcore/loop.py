@@ -25,6 +25,7 @@ from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
 from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate
+from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.prompt_fit import PromptFit, prompt_fit
@@ -63,9 +64,10 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False) -> Registry:
+def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False, trackers: bool = False) -> Registry:
     """Register the selected placement plugin, then the selected plugins of `kinds` as it places them
-    (in process, or proxies to workers elsewhere), then the extras."""
+    (in process, or proxies to workers elsewhere), then the trackers `trainer.log_to` selects (for
+    training runs only: `trackers`), then the extras. Trackers and extras run in this process."""
     registry = Registry(trace=trace)
     name = cfg.selection["placement"]
     registry.register("placement", name, _instance(cfg.classes["placement"], cfg.options["placement"]))
@@ -77,6 +79,8 @@ def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = Fal
         registry.register(kind, cfg.selection[kind],
                           registry.require("placement", "place", kind=kind, name=cfg.selection[kind], cls=cls,
                                            options=options))
+    for name, cls in cfg.trackers.items() if trackers else ():
+        registry.register("tracker", name, _instance(cls, cfg.tracker_options[name]))
     for extra, cls in cfg.extras.items():
         registry.register("extra", extra, instantiate(cls, None, f"extra.{extra}"))
     return registry
@@ -106,7 +110,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.show_progress = progress
-        self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace)
+        self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace, trackers=True)
         self.hook = self.registry.hook
         self.checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step = 0
@@ -130,8 +134,9 @@ class Trainer:
         return [k.replace(":", "_") for k in self.registry.keys() if self.registry.implements(k, "save_state")]
 
     def _choose_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint: every selected plugin that saves state has its state in it."""
-        required = [d for d in self._state_dirs() if not d.startswith("extra_")] + ["core"]
+        """The newest complete checkpoint: every selected plugin that saves state has its state in it (a tracker
+        or extra added since the checkpoint was written starts fresh, so theirs are not required)."""
+        required = [d for d in self._state_dirs() if not d.startswith(("extra_", "tracker_"))] + ["core"]
         ckpt, self.skipped = self.checkpoints.newest_complete(required)
         if ckpt is None and self.skipped:
             reasons = "; ".join(f"{p.name}: {why}" for p, why in self.skipped)
@@ -170,6 +175,8 @@ class Trainer:
             for path, _ in self.skipped:
                 shutil.rmtree(path, ignore_errors=True)  # newer than the resumed step, so retraining replaces them
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
+        self.generations = GenerationLog(self.run_dir, self.hook, t.generations_every, t.generations_samples,
+                                         keep_until=self.step if resume else None)
         self.hook.sync_weights(weights=self.hook.policy_weights())
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
@@ -301,6 +308,7 @@ class Trainer:
         timings["timing/step"] = time.perf_counter() - t_step
         metrics.update(timings)
         metrics["tokens_per_s"] = metrics["rollout/tokens"] / timings["timing/step"]
+        self.generations.train(self.step + 1, batch)
         return metrics
 
     def _check_reward_errors(self, metrics: dict[str, Any]) -> None:
@@ -318,7 +326,8 @@ class Trainer:
         """pass@1 and mean reward on the first `eval_limit` test problems."""
         t = self.cfg.trainer
         params = attrs.evolve(self.cfg.sampling.params(), n=t.eval_samples, temperature=t.eval_temperature)
-        result = evaluate(self.registry, self.eval_prompts, params, ks=[1])
+        result = evaluate(self.registry, self.eval_prompts, params, ks=[1],
+                          on_batch=self.generations.evaluation(self.step))
         return {"eval/pass@1": result.pass_at["pass@1"], "eval/reward": result.reward_mean,
                 "eval/reward_errors": float(result.reward_errors), "timing/eval": result.seconds}
 
@@ -345,13 +354,13 @@ class Trainer:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _restore(self, ckpt: Path) -> None:
-        """Load a verified checkpoint into every plugin (an extra installed since it was saved starts fresh)."""
+        """Load a verified checkpoint into every plugin (a tracker or extra added since it was saved starts fresh)."""
         for key in self.registry.keys():
             sub = ckpt / key.replace(":", "_")
             if sub.is_dir():
                 self.registry.call(key, "load_state", directory=sub)
             elif self.registry.implements(key, "save_state"):
-                log.warning("%s has no state for %s (installed since it was saved): it starts fresh", ckpt, key)
+                log.warning("%s has no state for %s (added since it was saved): it starts fresh", ckpt, key)
         state = json.loads((ckpt / "core" / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.stream.load(state["stream"])

@@ -1,5 +1,5 @@
-"""What a resumed run may change: options that are legitimately changed mid-run (steps, learning rate,
-logging, evaluation and save cadence, where it runs) are applied from the resumed step on; options
+"""What a resumed run may change: options that are legitimately changed mid-run (steps, learning rate and
+its schedule, logging and trackers, evaluation and save cadence, where it runs) are applied from the resumed step on; options
 that define the run (the model, the plugins, the algorithm's, task's and backend's structural options)
 are refused, since applying them to restored state would make a different run under the old name.
 
@@ -21,12 +21,14 @@ from rlcore.run_config import ResolvedConfig
 CORE_RESUMABLE: dict[str, frozenset[str]] = {
     "trainer": frozenset({"steps", "save_every", "keep_checkpoints", "log_every", "log_mismatch", "eval_every",
                           "eval_limit", "eval_samples", "eval_temperature", "max_resample_rounds",
-                          "max_reward_error_steps"}),
+                          "max_reward_error_steps", "log_to", "generations_every", "generations_samples"}),
     "sampling": frozenset({"max_new_tokens"}),
 }
 """The core's options that may change on resume (see the module docstring)."""
 PLACEMENT_KINDS = ("hardware", "placement")
 """Kinds that say where the run executes, not what it is: their selection and options may change."""
+LOGGING_SECTIONS = ("tracker",)
+"""Sections that say where the run is recorded (`tracker.NAME.*`), not what it is: they may change."""
 
 
 @attrs.frozen
@@ -63,7 +65,7 @@ def _may_change(key: str, allowed: dict[str, frozenset[str]]) -> bool:
     section, _, name = key.partition(".")
     if section == "plugins":
         return name in PLACEMENT_KINDS
-    return section in PLACEMENT_KINDS or name in allowed.get(section, frozenset())
+    return section in PLACEMENT_KINDS or section in LOGGING_SECTIONS or name in allowed.get(section, frozenset())
 
 
 def changes(saved: dict[str, Any], cfg: ResolvedConfig, run_dir: Path) -> list[Change]:
@@ -79,5 +81,5 @@ def changes(saved: dict[str, Any], cfg: ResolvedConfig, run_dir: Path) -> list[C
             f"--resume {run_dir}: {'; '.join(map(str, refused))} would change what this run is; resume without "
             f"{'these options' if len(refused) > 1 else 'that option'}, or start a new run with `rlcore run "
             f"--run-dir NEW_DIR ...` (from this run's weights: `rlcore export {run_dir} --out DIR`, then --model "
-            f"DIR). Options that may change on resume: {may}, and the hardware and placement")
+            f"DIR). Options that may change on resume: {may}, the hardware and placement, and the trackers' options")
     return found

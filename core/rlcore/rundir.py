@@ -22,10 +22,14 @@ from rlcore.errors import RunDirError
 CONFIG = "config.yaml"
 HISTORY = "history.jsonl"
 LOCK = "run.lock"
-RUN_FILES = (CONFIG, "metrics.jsonl", "summary.json", HISTORY, "checkpoints", "model")
+TRACKERS = "trackers"
+"""Where each tracker plugin records its run (`trackers/NAME.json`), with `files`: the entries of the run
+directory that hold its local store (`tensorboard`, `wandb`, ...), which belong to the run like its metrics."""
+RUN_FILES = (CONFIG, "metrics.jsonl", "generations.jsonl", "summary.json", HISTORY, "checkpoints", "model", TRACKERS)
 """What makes a directory hold a run (a directory counts when it has entries)."""
-ARTIFACTS = (*RUN_FILES, "metrics.tmp", "report.png", "model.building", "ray", LOCK)
-"""Everything a run writes into its directory: what `--overwrite` removes (other files are left alone)."""
+ARTIFACTS = (*RUN_FILES, "metrics.tmp", "report.png", "report.html", "model.building", "ray", LOCK)
+"""Everything a run writes into its directory, besides its trackers' stores: what `--overwrite` removes
+(other files are left alone)."""
 
 
 def now() -> str:
@@ -115,9 +119,24 @@ def prepare_fresh(run_dir: Path, overwrite: bool) -> None:
         remove_artifacts(run_dir)
 
 
+def tracker_files(run_dir: Path) -> set[str]:
+    """The entries of `run_dir` that its trackers' records list as their stores (never a path outside it)."""
+    names: set[str] = set()
+    for record_file in sorted((run_dir / TRACKERS).glob("*.json")) if (run_dir / TRACKERS).is_dir() else ():
+        try:
+            listed = json.loads(record_file.read_text()).get("files") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        for name in listed:
+            if isinstance(name, str) and name and Path(name).name == name and name not in (".", ".."):
+                names.add(name)
+    return names
+
+
 def present_artifacts(run_dir: Path) -> set[str]:
-    """The run artifacts that exist in `run_dir` now."""
-    return {name for name in ARTIFACTS if (run_dir / name).exists() or (run_dir / name).is_symlink()}
+    """The run artifacts (the trackers' stores included) that exist in `run_dir` now."""
+    return {name for name in (*ARTIFACTS, *tracker_files(run_dir))
+            if (run_dir / name).exists() or (run_dir / name).is_symlink()}
 
 
 def remove_artifacts(run_dir: Path, keep: set[str] = frozenset()) -> None:

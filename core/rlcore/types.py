@@ -214,6 +214,15 @@ class LossNorm:
     sequences: float  # sequences with at least one loss token
     max_response_length: int  # the constant of length-unbiased aggregations (Dr.GRPO)
 
+    @classmethod
+    def of(cls, mask: Tensor, max_response_length: int,
+           reduce: Callable[[list[float]], list[float]] | None = None) -> LossNorm:
+        """The counts of a mini-batch's loss `mask` [b, R]; `reduce` sums a rank's [tokens, sequences]
+        over the data-parallel ranks when the mini-batch is sharded. Counts are at least 1."""
+        counts = [float(mask.sum()), float((mask.sum(-1) > 0).sum())]
+        tokens, sequences = reduce(counts) if reduce is not None else counts
+        return cls(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), max_response_length=max_response_length)
+
 
 class PolicyLoss:
     """An algorithm's loss, handed to the backend that trains.
@@ -253,6 +262,12 @@ class Weights:
     adapter: bool = False
     """True when `named_tensors` yields only LoRA adapter weights (see `adapter_config`)."""
     adapter_config: dict[str, Any] | None = None
+
+    def snapshot(self) -> Weights:
+        """A copy that later optimizer steps do not change (detached clones, no live module): asynchronous
+        rollouts load a policy version after the trainer has moved on."""
+        tensors = {name: tensor.detach().clone() for name, tensor in self.named_tensors()}
+        return attrs.evolve(self, named_tensors=lambda: iter(tensors.items()), module=None)
 
 
 @attrs.define

@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlcore.types import LossInputs, LossNorm
-from rlcore_algorithms.aggregation import AGG_MODES, aggregate
-from rlcore_algorithms.kl import KLController
-from rlcore_algorithms.losses import ClippedSurrogateLoss, GMPOLoss, GSPOLoss
+from rlcore.toolkit import AGG_MODES, aggregate, ClippedSurrogateLoss, GMPOLoss, GSPOLoss, KLController
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, math.nan], [7.0, 7.0, 7.0]])
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # last row: empty response

@@ -10,7 +10,7 @@ import torch
 
 from rlcore.testing import make_batch
 from rlcore_algorithms.dapo import DAPO
-from rlcore_algorithms.shaping import keep_varied_groups, overlong_penalty
+from rlcore.toolkit import keep_varied_groups, overlong_penalty
 
 
 def test_overlong_penalty_by_hand():

@@ -9,7 +9,7 @@ import torch
 
 from rlcore.testing import make_batch
 from rlcore_algorithms.gmpo import GMPO
-from rlcore_algorithms.losses import GMPOLoss
+from rlcore.toolkit import GMPOLoss
 
 
 def gmpo_objective(logp, old, adv, mask, low=0.4, high=0.4):

@@ -11,10 +11,8 @@ from rlcore import plugins
 from rlcore.config import build_options
 from rlcore.errors import ConfigError
 from rlcore.testing import make_batch
-from rlcore_algorithms.advantages import grpo_advantages
+from rlcore.toolkit import ClippedSurrogateLoss, grpo_advantages, KLController
 from rlcore_algorithms.grpo import GRPO
-from rlcore_algorithms.kl import KLController
-from rlcore_algorithms.losses import ClippedSurrogateLoss
 
 
 def grpo(**opts) -> GRPO:

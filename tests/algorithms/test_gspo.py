@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlcore_algorithms.gspo import GSPO
-from rlcore_algorithms.losses import GSPOLoss
+from rlcore.toolkit import GSPOLoss
 
 
 def test_loss_and_gradient_match_the_sequence_objective(run_loss):

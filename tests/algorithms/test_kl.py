@@ -11,10 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlcore.testing import make_batch
-from rlcore_algorithms.advantages import grpo_advantages
+from rlcore.toolkit import ClippedSurrogateLoss, grpo_advantages, kl_estimate, KL_ESTIMATORS, KLController
 from rlcore_algorithms.grpo import GRPO
-from rlcore_algorithms.kl import KL_ESTIMATORS, KLController, kl_estimate
-from rlcore_algorithms.losses import ClippedSurrogateLoss
 
 
 def test_estimators_by_hand():

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from rlcore import plugins
 from rlcore.testing import make_batch
 from rlcore.types import LossInputs, LossNorm
-from rlcore_algorithms.advantages import grpo_advantages
-from rlcore_algorithms.losses import ClippedSurrogateLoss, GMPOLoss
+from rlcore.toolkit import ClippedSurrogateLoss, GMPOLoss, grpo_advantages
 
 ALGOS = ["grpo", "drgrpo", "gmpo", "dapo", "gspo", "rloo", "reinforce_pp"]
 

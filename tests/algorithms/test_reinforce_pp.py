@@ -7,7 +7,7 @@ import math
 import torch
 
 from rlcore.testing import make_batch
-from rlcore_algorithms.advantages import discounted_returns, masked_whiten
+from rlcore.toolkit import discounted_returns, masked_whiten
 from rlcore_algorithms.reinforce_pp import ReinforcePP
 
 

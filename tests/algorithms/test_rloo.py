@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlcore.testing import make_batch
-from rlcore_algorithms.advantages import rloo_advantages
+from rlcore.toolkit import rloo_advantages
 from rlcore_algorithms.rloo import RLOO
 
 

@@ -9,8 +9,8 @@ import torch
 
 from rlcore import Prompt, RolloutBatch, SamplingParams
 from rlcore.context import RunContext
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.torch_backend import TorchBackend
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.update.torch.backend import TorchBackend
 
 PROMPTS = ["1+2=", "12*34+5=", "7=", "100-99="]
 """Prompts of different lengths, so batches have real left padding."""

@@ -283,7 +283,7 @@ class FakeEngine:
     def __init__(self, **kwargs: Any) -> None:
         from rlcore import ModelSpec
         from rlcore.models import load_model, load_tokenizer
-        from rlcore_backends.hf_rollout import HFEngine
+        from rlcore_backends.rollout.hf.rollout import HFEngine
 
         unknown = set(kwargs) - self.ENGINE_ARGS
         assert not unknown, f"sglang.Engine got arguments that are not ServerArgs fields: {unknown}"
@@ -337,7 +337,7 @@ class FakeEngine:
         return True, "Succeeded to update model weights."
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str, int]:
-        from rlcore_backends.weights import read_safetensors
+        from rlcore_backends.common.weights import read_safetensors
 
         self.calls.append(("update_weights_from_disk", model_path))
         state = self.model.state_dict()

@@ -11,7 +11,7 @@ import torch
 from rlcore import Prompt, SamplingParams
 from rlcore.errors import RLCoreError
 from rlcore.testing import make_prompts
-from rlcore_backends.engine import Completion, build_batch
+from rlcore_backends.rollout.engine import Completion, build_batch
 
 
 @pytest.fixture

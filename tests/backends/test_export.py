@@ -13,7 +13,7 @@ from policy_losses import TokenMeanPG
 from rlcore import RolloutBatch, UpdatePlan
 from rlcore.context import RunContext
 from rlcore.plugins import Registry, load
-from rlcore_backends.logprobs import position_ids
+from rlcore_backends.common.logprobs import position_ids
 
 
 @pytest.mark.parametrize("name", ["torch", "lora"])

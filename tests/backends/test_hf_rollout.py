@@ -12,8 +12,8 @@ from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
 from rlcore.testing import check_rollout
-from rlcore_backends.engine import render
-from rlcore_backends.hf_rollout import HFRollout
+from rlcore_backends.rollout.engine import render
+from rlcore_backends.rollout.hf.rollout import HFRollout
 
 EOS = 1
 
@@ -166,7 +166,7 @@ def test_sampler_draws_softmax_with_top_p_and_reports_untruncated_logprobs(
     log_softmax(logits / T) at the token, and greedy generation then picks exactly that token."""
     from transformers import TopPLogitsWarper
 
-    from rlcore_backends.hf_rollout import Sampler
+    from rlcore_backends.rollout.hf.rollout import Sampler
 
     monkeypatch.setattr(Sampler, "BLOCK", block)
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +190,7 @@ def test_sampler_draws_softmax_with_top_p_and_reports_untruncated_logprobs(
 
 
 def test_sampler_greedy_takes_the_argmax_with_temperature_one_logprobs() -> None:
-    from rlcore_backends.hf_rollout import Sampler
+    from rlcore_backends.rollout.hf.rollout import Sampler
 
     logits = torch.randn(4, 30)
     sampler = Sampler(0.0, 1.0)
@@ -200,7 +200,7 @@ def test_sampler_greedy_takes_the_argmax_with_temperature_one_logprobs() -> None
 
 
 def test_sampler_bans_eos_until_min_new_tokens_and_reports_unbanned_logprobs() -> None:
-    from rlcore_backends.hf_rollout import Sampler
+    from rlcore_backends.rollout.hf.rollout import Sampler
 
     logits = torch.tensor([[0.0, 0.0, 0.0, 5.0]]).expand(2000, 4).clone()  # EOS (3) has ~98% of the mass
     expected = torch.log_softmax(logits[0], -1)

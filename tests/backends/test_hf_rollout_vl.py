@@ -17,23 +17,22 @@ from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, ToolResult, Updat
 from rlcore.errors import RLCoreError
 from rlcore.models import build_tiny_vl_model
 from rlcore.testing.contracts import make_context
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.logprobs import position_ids, token_logprobs
-from rlcore_backends.torch_backend import TorchBackend
-from rlcore_backends.engine import Completion
-from rlcore_backends.vision import cut_at_placeholders, load_processor, vision_inputs
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.common.logprobs import position_ids, token_logprobs
+from rlcore_backends.update.torch.backend import TorchBackend
+from rlcore_backends.rollout.engine import Completion
+from rlcore_backends.common.vision import cut_at_placeholders, load_processor, vision_inputs
 
 from policy_losses import TokenMeanPG
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-GEO = SHARED / "geometry3k"
-QWEN3 = SHARED / "tokenizers" / "qwen3"
+REPO = Path(__file__).resolve().parents[2]
+GEO = REPO / "examples" / "data" / "geo3k"
+"""10 real Geometry3K problems with their diagrams (train.jsonl: 8, test.jsonl: 2)."""
+QWEN3 = REPO / "tests" / "data" / "qwen3-tokenizer"
 
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory) -> Path:
-    if not QWEN3.exists() or not GEO.exists():
-        pytest.fail(f"the shared test data is missing ({QWEN3}, {GEO})")
     return build_tiny_vl_model(tmp_path_factory.mktemp("vl") / "model", seed=0, tokenizer=str(QWEN3))
 
 
@@ -52,7 +51,7 @@ def rollout(ctx) -> HFRollout:
 @pytest.fixture(scope="module")
 def prompts() -> list[Prompt]:
     """Three real problems; their texts and diagrams differ in size, so prompts are left-padded."""
-    rows = [json.loads(line) for line in (GEO / "problems.jsonl").read_text().splitlines()][:3]
+    rows = [json.loads(line) for line in (GEO / "train.jsonl").read_text().splitlines()][:3]
     return [Prompt(messages=[{"role": "user", "content": [{"type": "image"},
                                                           {"type": "text", "text": r["problem_text"] * (i + 1)}]}],
                    answer=r["answer_value"], id=str(r["id"]), images=[Image.open(GEO / r["image"]).convert("RGB")])
@@ -194,8 +193,8 @@ class ScriptedVL:
 
 def test_multi_turn_tool_calls_keep_each_samples_images(rollout, prompts):
     """run_turns hands every generate call the vision inputs of exactly its rows, turn after turn."""
-    from rlcore_backends.engine import run_turns
-    from rlcore_backends.vision import render_with_images
+    from rlcore_backends.rollout.engine import run_turns
+    from rlcore_backends.common.vision import render_with_images
 
     processor = load_processor(rollout.spec_path, rollout.tokenizer)
     two = [prompts[0], prompts[2]]  # diagrams with different patch counts

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rlcore_backends.logprobs import (head_logprobs, plain_head, response_logits, response_logprobs, token_entropy,
+from rlcore_backends.common.logprobs import (head_logprobs, plain_head, response_logits, response_logprobs, token_entropy,
                                       token_logprobs)
 
 
@@ -85,7 +85,7 @@ def test_autocast_and_unknown_models_take_the_logits_path() -> None:
 def test_head_logprobs_keeps_the_forward_tiles_for_backward_when_they_fit(
         monkeypatch: pytest.MonkeyPatch, keep_mib: float, backward_tiles: int) -> None:
     """With room for the logits, backward computes no tile again (no LM-head matmul); without, all of them."""
-    from rlcore_backends import logprobs
+    from rlcore_backends.common import logprobs
 
     calls: list[int] = []
     original = logprobs._tile_logits

@@ -18,9 +18,9 @@ from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError
 from rlcore.testing import check_backend
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.logprobs import position_ids
-from rlcore_backends.lora_backend import LoRABackend
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.common.logprobs import position_ids
+from rlcore_backends.update.lora.backend import LoRABackend
 
 
 def make_lora(ctx: RunContext, **options: object) -> LoRABackend:

@@ -26,12 +26,12 @@ from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch, UpdatePlan  #
 from rlcore.context import RunContext  # noqa: E402
 from rlcore.errors import ConfigError, TrainingError  # noqa: E402
 from rlcore.testing import check_backend, make_batch, make_context  # noqa: E402
-from rlcore_backends.logprobs import response_logits, token_entropy, token_logprobs  # noqa: E402
-from rlcore_backends.megatron_backend import MegatronBackend  # noqa: E402
-from rlcore_backends.megatron_convert import hf_from_shards  # noqa: E402
-from rlcore_backends.megatron_inputs import pack  # noqa: E402
-from rlcore_backends.megatron_loss import vocab_parallel_logprobs  # noqa: E402
-from rlcore_backends.torch_backend import TorchBackend  # noqa: E402
+from rlcore_backends.common.logprobs import response_logits, token_entropy, token_logprobs  # noqa: E402
+from rlcore_backends.update.megatron.backend import MegatronBackend  # noqa: E402
+from rlcore_backends.update.megatron.convert import hf_from_shards  # noqa: E402
+from rlcore_backends.update.megatron.inputs import pack  # noqa: E402
+from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs  # noqa: E402
+from rlcore_backends.update.torch.backend import TorchBackend  # noqa: E402
 from test_megatron_convert import COMMON, save_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
@@ -70,8 +70,9 @@ def megatron_on_cpu() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-TRAINING = {"lr": 1e-3, "max_grad_norm": 0.1}
-"""Options shared by a Megatron backend and its torch twin: big steps, clipped gradients."""
+TRAINING = {"lr": 1e-3, "max_grad_norm": 0.1, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.5,
+            "total_training_steps": 4}
+"""Options shared by a Megatron backend and its torch twin: big steps, clipped gradients, a cosine LR."""
 
 
 class PGWithEntropy(PolicyLoss):

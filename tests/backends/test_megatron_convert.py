@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 from rlcore.errors import ConfigError
 from rlcore.models import build_tiny_tokenizer
 from rlcore.testing import make_batch
-from rlcore_backends import megatron_checkpoint as ckpt
-from rlcore_backends.megatron_backend import MegatronBackend
-from rlcore_backends.megatron_convert import Layout, hf_from_shards, shard_from_hf
-from rlcore_backends.megatron_inputs import pack
-from rlcore_backends.megatron_model import rope_settings
+from rlcore_backends.update.megatron import checkpoint as ckpt
+from rlcore_backends.update.megatron.backend import MegatronBackend
+from rlcore_backends.update.megatron.convert import Layout, hf_from_shards, shard_from_hf
+from rlcore_backends.update.megatron.inputs import pack
+from rlcore_backends.update.megatron.model import rope_settings
 
 COMMON = dict(vocab_size=17, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rlcore.errors import TrainingError
-from rlcore_backends.megatron_pool import WorkerPool
+from rlcore_backends.update.megatron.pool import WorkerPool
 
 pytestmark = pytest.mark.slow  # each pool spawns two Python processes that import torch
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlcore.testing import make_batch
-from rlcore_backends.micro_batches import plan, rank_shards, take
+from rlcore_backends.common.micro_batches import plan, rank_shards, take
 
 
 def test_plan_covers_the_batch_within_the_budget() -> None:

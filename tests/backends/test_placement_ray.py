@@ -18,15 +18,15 @@ from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, PluginError
 from rlcore.plugins import Registry, load
-from rlcore_backends import ray_host
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.placement_ray import RayPlacement
-from rlcore_backends.ray_host import HardwarePlugin, PluginHost
-from rlcore_backends.ray_layout import fit_problem, worker_specs
-from rlcore_backends.ray_proxy import proxy_class, split_evenly
-from rlcore_backends.ray_session import RaySession, short_link
-from rlcore_backends.ray_workers import Worker, Workers, resource_request
-from rlcore_backends.torch_backend import TorchBackend
+from rlcore_backends.placement.ray import host as ray_host
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.placement.ray.placement import RayPlacement
+from rlcore_backends.placement.ray.host import HardwarePlugin, PluginHost
+from rlcore_backends.placement.ray.layout import fit_problem, worker_specs
+from rlcore_backends.placement.ray.proxy import proxy_class, split_evenly
+from rlcore_backends.placement.ray.session import RaySession, short_link
+from rlcore_backends.placement.ray.workers import Worker, Workers, resource_request
+from rlcore_backends.update.torch.backend import TorchBackend
 
 # ---- sizes ------------------------------------------------------------------------------------------
 

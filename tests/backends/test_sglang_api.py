@@ -8,10 +8,10 @@ from sglang_fake import validate
 
 from rlcore import SamplingParams
 from rlcore.errors import DataError, RLCoreError
-from rlcore_backends.sglang_api import (SGLangError, check_result, distributed_update_request, generate_request,
+from rlcore_backends.rollout.sglang.api import (SGLangError, check_result, distributed_update_request, generate_request,
                                         init_group_request, memory_request, parse_completion, parse_generate,
                                         sampling_params, tensor_update_request)
-from rlcore_backends.sglang_sync import buckets, cast
+from rlcore_backends.rollout.sglang.sync import buckets, cast
 
 
 def output(entries: list, reason: dict, **meta: object) -> dict:

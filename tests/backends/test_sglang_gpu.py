@@ -15,8 +15,8 @@ from rlcore import Prompt, SamplingParams, Weights
 from rlcore.config import build_options
 from rlcore.models import build_tiny_model
 from rlcore.testing import make_context
-from rlcore_backends.sglang_http import HTTPClient, ServerProcess, free_port
-from rlcore_backends.sglang_rollout import SGLangRollout
+from rlcore_backends.rollout.sglang.server import HTTPClient, ServerProcess, free_port
+from rlcore_backends.rollout.sglang.rollout import SGLangRollout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),
                                 reason="needs SGLang on a CUDA GPU")

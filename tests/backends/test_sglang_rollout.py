@@ -24,10 +24,11 @@ from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
 from rlcore.testing import check_rollout
-from rlcore_backends import sglang_engine, sglang_sync
-from rlcore_backends.sglang_api import SGLangError
-from rlcore_backends.sglang_http import HTTPClient, free_port
-from rlcore_backends.sglang_rollout import SGLangRollout
+from rlcore_backends.rollout.sglang import engines as sglang_engine
+from rlcore_backends.rollout.sglang import sync as sglang_sync
+from rlcore_backends.rollout.sglang.api import SGLangError
+from rlcore_backends.rollout.sglang.server import HTTPClient, free_port
+from rlcore_backends.rollout.sglang.rollout import SGLangRollout
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import torch
 from sglang_fake import TESTS_DIR, FakeServer, alive, fake_sglang_package, pickle_serializer
 
 from rlcore import SamplingParams
-from rlcore_backends.sglang_api import SGLangError
-from rlcore_backends.sglang_engine import SGLangServer
-from rlcore_backends.sglang_http import HTTPClient, ServerProcess, free_port, server_command
+from rlcore_backends.rollout.sglang.api import SGLangError
+from rlcore_backends.rollout.sglang.engines import SGLangServer
+from rlcore_backends.rollout.sglang.server import HTTPClient, ServerProcess, free_port, server_command
 
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:

@@ -15,8 +15,8 @@ from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, TrainingError
 from rlcore.testing import check_backend
-from rlcore_backends.hf_rollout import HFRollout
-from rlcore_backends.torch_backend import TorchBackend
+from rlcore_backends.rollout.hf.rollout import HFRollout
+from rlcore_backends.update.torch.backend import TorchBackend
 
 Factory = Callable[..., TorchBackend]
 

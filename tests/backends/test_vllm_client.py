@@ -21,10 +21,10 @@ from rlcore import SamplingParams
 from rlcore.config import build_options
 from rlcore.errors import ConfigError, PluginError, RLCoreError
 from rlcore.testing import make_context
-from rlcore_backends.engine import Completion
-from rlcore_backends.vllm_engines import ServerEngine, finish, request_fields, row_seeds
-from rlcore_backends.vllm_rollout import VLLMRollout, eos_token_ids
-from rlcore_backends.vllm_worker import attach, safetensors_bytes, shared_weights, view
+from rlcore_backends.rollout.engine import Completion
+from rlcore_backends.rollout.vllm.engines import ServerEngine, finish, request_fields, row_seeds
+from rlcore_backends.rollout.vllm.rollout import VLLMRollout, eos_token_ids
+from rlcore_backends.rollout.vllm.worker import attach, safetensors_bytes, shared_weights, view
 
 
 class StandIn(BaseHTTPRequestHandler):

@@ -19,8 +19,8 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install
 pytest.importorskip("peft", reason="the lora extra is not installed")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-from rlcore_backends.lora_backend import LoRABackend  # noqa: E402
-from rlcore_backends.vllm_rollout import VLLMRollout, adapter_sync_rank, vllm_lora_rank  # noqa: E402
+from rlcore_backends.update.lora.backend import LoRABackend  # noqa: E402
+from rlcore_backends.rollout.vllm.rollout import VLLMRollout, adapter_sync_rank, vllm_lora_rank  # noqa: E402
 from test_vllm import build_qwen  # noqa: E402
 
 ATOL = 1e-4

@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlcore.errors import RLCoreError
-from rlcore_backends.weights import copy_weights, read_safetensors
+from rlcore_backends.common.weights import copy_weights, read_safetensors
 
 
 def tied_model(seed: int) -> Qwen2ForCausalLM:

@@ -8,7 +8,7 @@ import pytest
 
 from group_workers import DemoWorker
 from rlcore.errors import ConfigError, TrainingError
-from rlcore_backends.worker_group import SpawnedGroup
+from rlcore_backends.common.worker_group import SpawnedGroup
 
 
 def specs(**extra: object) -> list[dict[str, object]]:

@@ -96,6 +96,23 @@ def test_overwrite_removes_every_artifact_name(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run.lock"]
 
 
+def test_overwrite_removes_the_trackers_stores_inside_the_run_directory_only(tmp_path):
+    """A new TensorBoard writer in an old run's `tensorboard/` would mix both runs' curves in one chart."""
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    (run_dir / "trackers").mkdir(parents=True)
+    outside.mkdir()
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out.tfevents.1").write_text("old curves")
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "trackers" / "tensorboard.json").write_text(json.dumps(
+        {"tracker": "tensorboard", "run_id": "x", "files": ["tensorboard", "../outside", str(outside), ".."]}))
+    assert holds_run(run_dir) == ["trackers"]
+    with pytest.raises(RunDirError, match=r"already holds a run \(trackers\)"):
+        prepare_fresh(run_dir, overwrite=False)
+    prepare_fresh(run_dir, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"] and outside.is_dir()
+
+
 BASE = {"trainer": {"steps": 10, "seed": 3}, "backend": {"lr": 1e-3}}
 
 
@@ -110,10 +127,24 @@ def _saved(**sections):
      {"backend.lr": 0.5, "backend.warmup_steps": 3, "backend.max_grad_norm": 0.5}),
     ({"sampling": {"max_new_tokens": 3}}, {"sampling.max_new_tokens": 3}),
     ({"plugins": {"hardware": "cuda"}}, {"plugins.hardware": "cuda"}),
+    ({"backend": {"lr": 1e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
+                  "total_training_steps": 40}},
+     {"backend.lr_scheduler_type": "cosine", "backend.warmup_ratio": 0.1, "backend.min_lr_ratio": 0.1,
+      "backend.total_training_steps": 40}),
+    ({"trainer": {"steps": 10, "seed": 3, "log_to": ["tensorboard"], "generations_every": 0}},
+     {"trainer.log_to": ["tensorboard"], "trainer.generations_every": 0}),
 ])
 def test_options_changed_mid_run_are_allowed_and_listed(tmp_path, new, expected):
     found = changes(_saved(), resolve({**BASE, **new}), tmp_path)
     assert {c.key: c.new for c in found} == expected
+
+
+def test_a_trackers_options_may_change_on_resume(tmp_path):
+    tracked = {"trainer": {**BASE["trainer"], "log_to": ["tensorboard"]}}
+    saved = _saved(**tracked)
+    new = resolve({**BASE, **tracked, "tracker": {"tensorboard": {"log_dir": str(tmp_path / "tb")}}})
+    assert [(c.key, c.new) for c in changes(saved, new, tmp_path)] == [("tracker.tensorboard.log_dir",
+                                                                        str(tmp_path / "tb"))]
 
 
 @pytest.mark.parametrize("new,key", [

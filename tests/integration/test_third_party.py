@@ -23,8 +23,9 @@ def example_env(tmp_path_factory):
 
 
 def test_listed_with_its_distribution(example_env):
-    out = rlcore("plugins", env=example_env).stdout
-    assert any(line.split()[:5] == ["task", "echo", "rlcore-plugin-example", "0.1.0", "ok"] for line in out.splitlines())
+    rows = [line.split()[:5] for line in rlcore("plugins", env=example_env).stdout.splitlines()]
+    assert ["task", "echo", "rlcore-plugin-example", "0.1.0", "ok"] in rows
+    assert ["algo", "cispo", "rlcore-plugin-example", "0.1.0", "ok"] in rows
 
 
 def test_selected_configured_and_trained(example_env, tmp_path):
@@ -47,3 +48,16 @@ def test_its_own_tests_pass(example_env):
                           capture_output=True, text=True, env=example_env, cwd=EXAMPLE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " passed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_its_algorithm_learns_the_default_task(example_env, tmp_path):
+    """cispo, written only against rlcore.toolkit, raises the reward of the embedded default run as the
+    built-in algorithms do (tests/integration/test_algorithms_learn.py)."""
+    run_dir = tmp_path / "cispo"
+    rlcore("run", "--algo", "cispo", "--run-dir", run_dir, "--steps", 150, "--set", "trainer.save_every=0",
+           env=example_env)
+    rewards = [r["reward/mean"] for r in MetricsLog.read(run_dir / "metrics.jsonl")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    print(f"cispo: reward {first:.3f} -> {last:.3f}")
+    assert last >= 0.4 and last >= 3 * first, f"cispo did not learn: {first:.3f} -> {last:.3f}"

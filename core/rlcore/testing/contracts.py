@@ -30,8 +30,7 @@ def make_context(run_dir: Path, model_dir: Path | None = None, hardware: str = "
 
 
 def _norm(batch: RolloutBatch) -> LossNorm:
-    m = batch.response_mask
-    return LossNorm(tokens=float(m.sum()), sequences=float((m.sum(-1) > 0).sum()), max_response_length=m.shape[1])
+    return LossNorm.of(batch.response_mask, batch.response_mask.shape[1])
 
 
 def _loss_on(loss: PolicyLoss, batch: RolloutBatch, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -8,7 +8,7 @@ from rlcore.config import build_options
 from rlcore.errors import ConfigError, RLCoreError
 from rlcore.models import TINY_CHARS
 from rlcore.testing import check_task, make_batch
-from rlcore_plugin_example import EchoTask
+from rlcore_plugin_example.task import EchoTask
 
 
 def echo(**options: object) -> EchoTask:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import attrs
 
 from rlcore.config import check_choice
-from rlcore_algorithms.aggregation import AGG_MODES
+from rlcore.toolkit import AGG_MODES
 from rlcore_algorithms.grpo import GRPO
 
 

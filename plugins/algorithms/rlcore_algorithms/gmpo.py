@@ -7,17 +7,13 @@ the GMPO + DAPO math recipe: `dynamic_sampling=true`, `overlong_buffer=...`."""
 from __future__ import annotations
 
 import attrs
-from torch import Tensor
 
-from rlcore import PolicyLoss, RolloutBatch, hookimpl
+from rlcore import PolicyLoss, hookimpl
 from rlcore.config import check_range
-from rlcore_algorithms.advantages import broadcast, grpo_advantages
-from rlcore_algorithms.base import Algorithm
-from rlcore_algorithms.losses import GMPOLoss
-from rlcore_algorithms.options import CommonOptions, GroupNormOptions
+from rlcore.toolkit import CommonOptions, GMPOLoss, GroupNormOptions, GroupRelativeAlgorithm
 
 
-class GMPO(Algorithm):
+class GMPO(GroupRelativeAlgorithm):
     """Group-relative advantages + the geometric-mean sequence objective."""
 
     @attrs.define
@@ -26,12 +22,6 @@ class GMPO(Algorithm):
         """Token log-ratios below -clip_low are clipped (pessimistically, for negative advantages)."""
         clip_high: float = attrs.field(default=0.4, validator=check_range(0.0))
         """Token log-ratios above clip_high are clipped (pessimistically, for positive advantages)."""
-
-    @hookimpl
-    def advantage(self, batch: RolloutBatch) -> Tensor:
-        o = self.options
-        adv = grpo_advantages(self.rewards(batch).total, batch.group_ids, o.norm_adv_by_std, o.adv_eps)
-        return self.finish(batch, broadcast(adv, batch.response_mask))
 
     @hookimpl
     def policy_loss(self) -> PolicyLoss:

@@ -5,18 +5,13 @@ whole response), clipped per sequence with a tiny range (3e-4 / 4e-4 in the pape
 from __future__ import annotations
 
 import attrs
-from torch import Tensor
 
-from rlcore import PolicyLoss, RolloutBatch, hookimpl
+from rlcore import PolicyLoss, hookimpl
 from rlcore.config import check_choice, check_range
-from rlcore_algorithms.advantages import broadcast, grpo_advantages
-from rlcore_algorithms.aggregation import AGG_MODES
-from rlcore_algorithms.base import Algorithm
-from rlcore_algorithms.losses import GSPOLoss
-from rlcore_algorithms.options import CommonOptions, GroupNormOptions
+from rlcore.toolkit import AGG_MODES, CommonOptions, GroupNormOptions, GroupRelativeAlgorithm, GSPOLoss
 
 
-class GSPO(Algorithm):
+class GSPO(GroupRelativeAlgorithm):
     """Group-relative advantages + the clipped sequence-ratio objective."""
 
     @attrs.define
@@ -27,12 +22,6 @@ class GSPO(Algorithm):
         """Sequence ratios above 1 + clip_high are clipped."""
         loss_agg_mode: str = attrs.field(default="seq-mean-token-mean", validator=check_choice(*AGG_MODES))
         """The paper averages over sequences (each sequence's tokens share its ratio)."""
-
-    @hookimpl
-    def advantage(self, batch: RolloutBatch) -> Tensor:
-        o = self.options
-        adv = grpo_advantages(self.rewards(batch).total, batch.group_ids, o.norm_adv_by_std, o.adv_eps)
-        return self.finish(batch, broadcast(adv, batch.response_mask))
 
     @hookimpl
     def policy_loss(self) -> PolicyLoss:

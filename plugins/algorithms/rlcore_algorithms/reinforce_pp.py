@@ -10,11 +10,8 @@ from torch import Tensor
 
 from rlcore import PolicyLoss, RolloutBatch, hookimpl
 from rlcore.config import check_range
-from rlcore_algorithms.advantages import (broadcast, discounted_returns, grpo_advantages, last_token_rewards,
-                                          masked_whiten)
-from rlcore_algorithms.base import Algorithm
-from rlcore_algorithms.losses import ClippedSurrogateLoss
-from rlcore_algorithms.options import ClipOptions
+from rlcore.toolkit import (Algorithm, broadcast, ClipOptions, discounted_returns, grpo_advantages,
+                            last_token_rewards, masked_whiten)
 
 
 class ReinforcePP(Algorithm):
@@ -41,6 +38,4 @@ class ReinforcePP(Algorithm):
 
     @hookimpl
     def policy_loss(self) -> PolicyLoss:
-        o = self.options
-        return ClippedSurrogateLoss(agg=o.loss_agg_mode, clip_low=o.clip_low, clip_high=o.clip_high,
-                                    dual_clip=o.dual_clip, **self.loss_terms())
+        return self.clipped_surrogate()

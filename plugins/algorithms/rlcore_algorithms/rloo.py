@@ -8,10 +8,7 @@ import attrs
 from torch import Tensor
 
 from rlcore import PolicyLoss, RolloutBatch, hookimpl
-from rlcore_algorithms.advantages import broadcast, rloo_advantages
-from rlcore_algorithms.base import Algorithm
-from rlcore_algorithms.losses import ClippedSurrogateLoss
-from rlcore_algorithms.options import ClipOptions
+from rlcore.toolkit import Algorithm, broadcast, ClipOptions, rloo_advantages
 
 
 class RLOO(Algorithm):
@@ -28,6 +25,4 @@ class RLOO(Algorithm):
 
     @hookimpl
     def policy_loss(self) -> PolicyLoss:
-        o = self.options
-        return ClippedSurrogateLoss(agg=o.loss_agg_mode, clip_low=o.clip_low, clip_high=o.clip_high,
-                                    dual_clip=o.dual_clip, **self.loss_terms())
+        return self.clipped_surrogate()

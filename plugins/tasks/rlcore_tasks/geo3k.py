@@ -24,13 +24,14 @@ from typing import Any
 
 import attrs
 
-from rlcore import Prompt, RolloutBatch, Scores, Tool, ToolResult, hookimpl
+from rlcore import Prompt, RolloutBatch, Scores, Tool, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
 from rlcore_tasks.answers import last_boxed, without_tool_responses
 from rlcore_tasks.datafiles import BAD_ROWS, BadRow, field, is_verl_row, load_split, to_prompts, verl_fields
 from rlcore_tasks.equivalence import Checker, CheckTimeout
+from rlcore_tasks.tools import AnswerCheckTool
 
 SPLITS = ("train", "test")
 INSTRUCTION = (
@@ -255,10 +256,9 @@ class Geo3K:
         self.checker.close()
 
 
-class Geo3KAnswerCheck(Tool):
+class Geo3KAnswerCheck(AnswerCheckTool):
     """verl's `calc_geo3k_reward`: grades a submitted answer (the contents of its last `\\boxed{}`, or the
-    whole text) like the task's accuracy. The step reward is 0.0 when a submission improves on the previous
-    one, else -0.05, which discourages resubmitting without improving."""
+    whole text) like the task's accuracy."""
 
     name = "calc_geo3k_reward"
     description = ("Check your answer to the geometry problem: returns the parsed answer and its reward, 1.0 when "
@@ -269,23 +269,15 @@ class Geo3KAnswerCheck(Tool):
                                                                    "letter or a value"}},
         "required": ["answer"],
     }
-    no_improvement_penalty = -0.05
 
     def __init__(self, correct: Any) -> None:
         self._correct = correct
 
-    def create(self, prompt: Prompt) -> dict[str, Any]:
-        """A fresh per-sample state: the problem and the reward of the latest submission."""
-        return {"prompt": prompt, "reward": 0.0}
-
-    def execute(self, instance: dict[str, Any], arguments: dict[str, Any]) -> ToolResult:
-        """Grade the answer; the text tells the model the parsed answer and its reward."""
-        answer = str(arguments.get("answer", "")).strip()
+    def grade(self, answer: str, prompt: Prompt) -> tuple[str, float]:
+        """The last `\\boxed{}` answer (or the whole text), graded as the task grades; 0.0 on a checker timeout."""
+        answer = answer.strip()
         parsed = last_boxed(answer) or answer
         try:
-            reward = float(bool(parsed) and self._correct(parsed, instance["prompt"]))
+            return parsed, float(bool(parsed) and self._correct(parsed, prompt))
         except CheckTimeout:
-            reward = 0.0
-        step = 0.0 if reward > instance["reward"] else self.no_improvement_penalty
-        instance["reward"] = reward
-        return ToolResult(f"Current parsed answer={parsed!r} reward={reward}", reward=step)
+            return parsed, 0.0

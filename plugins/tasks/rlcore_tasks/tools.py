@@ -117,16 +117,37 @@ class Calculator(Tool):
 
 @attrs.define
 class AnswerState:
-    """One sample's answer check: the ground truth and the reward of its latest submission."""
+    """One sample's answer check: its prompt and the reward of its latest submission."""
 
-    ground_truth: str
+    prompt: Prompt
     reward: float = 0.0
 
 
-class GSM8KAnswerCheck(Tool):
-    """verl's `calc_gsm8k_reward`: scores a submitted answer against the sample's ground truth (1.0 when
-    its last number equals it). The step reward is 0.0 when a submission improves on the previous one,
-    else -0.05, which discourages resubmitting without improving."""
+class AnswerCheckTool(Tool):
+    """A tool that grades a submitted answer (verl's `calc_*_reward` tools). The step reward is 0.0 when a
+    submission improves on the previous one, else `no_improvement_penalty`, which discourages resubmitting
+    without improving. Subclasses say how an answer is parsed and graded (`grade`)."""
+
+    no_improvement_penalty = -0.05
+
+    def grade(self, answer: str, prompt: Prompt) -> tuple[str, float]:
+        """The parsed answer and its reward (1.0 correct, 0.0 otherwise)."""
+        raise NotImplementedError
+
+    def create(self, prompt: Prompt) -> AnswerState:
+        """A fresh per-sample state."""
+        return AnswerState(prompt=prompt)
+
+    def execute(self, instance: AnswerState, arguments: dict[str, Any]) -> ToolResult:
+        """Grade the answer; the text tells the model the parsed answer and its reward."""
+        parsed, reward = self.grade(str(arguments.get("answer", "")), instance.prompt)
+        step = 0.0 if reward > instance.reward else self.no_improvement_penalty
+        instance.reward = reward
+        return ToolResult(f"Current parsed answer={parsed!r} reward={reward}", reward=step)
+
+
+class GSM8KAnswerCheck(AnswerCheckTool):
+    """verl's `calc_gsm8k_reward`: 1.0 when the submitted answer's last number equals the ground truth."""
 
     name = "calc_gsm8k_reward"
     description = ("Check your final answer to the question: returns the parsed answer and its reward, "
@@ -136,18 +157,8 @@ class GSM8KAnswerCheck(Tool):
         "properties": {"answer": {"type": ["string", "number"], "description": "The answer to the question"}},
         "required": ["answer"],
     }
-    no_improvement_penalty = -0.05
 
-    def create(self, prompt: Prompt) -> AnswerState:
-        """A fresh state holding the sample's ground truth."""
-        return AnswerState(ground_truth=str(prompt.answer))
-
-    def execute(self, instance: AnswerState, arguments: dict[str, Any]) -> ToolResult:
-        """Score the answer (0.0 when it holds no number); the text tells the model the parsed answer
-        and its reward."""
-        answer = str(arguments.get("answer", ""))
+    def grade(self, answer: str, prompt: Prompt) -> tuple[str, float]:
+        """The answer as given; reward 0.0 when it holds no number."""
         found = NUMBER.findall(answer)
-        reward = float(bool(found) and parse_number(found[-1]) == parse_number(instance.ground_truth))
-        step = 0.0 if reward > instance.reward else self.no_improvement_penalty
-        instance.reward = reward
-        return ToolResult(f"Current parsed answer={answer!r} reward={reward}", reward=step)
+        return answer, float(bool(found) and parse_number(found[-1]) == parse_number(str(prompt.answer)))

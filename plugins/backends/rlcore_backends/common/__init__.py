@@ -1,0 +1,1 @@
+"""Pieces shared by the trainers and engines of this distribution."""

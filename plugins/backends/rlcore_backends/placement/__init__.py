@@ -1,0 +1,1 @@
+"""Placements: where the backend and rollout plugins run (`--set plugins.placement=NAME`)."""

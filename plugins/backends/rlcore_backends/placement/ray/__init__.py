@@ -1,0 +1,1 @@
+"""`ray` placement: backend and rollout as Ray actors, colocated or disaggregated."""

@@ -1,0 +1,1 @@
+"""`--rollout hf`: Hugging Face transformers models with the KV cache (the CPU default)."""

@@ -1,0 +1,1 @@
+"""`--rollout sglang`: the SGLang offline engine or its HTTP server."""

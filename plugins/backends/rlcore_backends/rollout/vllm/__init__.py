@@ -1,0 +1,1 @@
+"""`--rollout vllm`: the vLLM offline engine or an OpenAI-compatible vLLM server."""

@@ -1,0 +1,1 @@
+"""Update backends: one package per trainer (`--backend NAME`)."""

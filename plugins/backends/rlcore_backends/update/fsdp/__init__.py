@@ -1,0 +1,1 @@
+"""`--backend fsdp`: FSDP2 over torch.distributed worker processes."""

@@ -1,0 +1,1 @@
+"""`--backend lora`: peft LoRA adapters on a frozen base (torch or fsdp)."""

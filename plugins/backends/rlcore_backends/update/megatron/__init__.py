@@ -1,0 +1,1 @@
+"""`--backend megatron`: Megatron-core tensor and pipeline parallelism."""

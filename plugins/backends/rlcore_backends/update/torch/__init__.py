@@ -1,0 +1,1 @@
+"""`--backend torch`: single-process PyTorch training."""
