@@ -1,10 +1,12 @@
-"""The `rlcore` command: run, plugins, report."""
+"""The `rlcore` command: run, plugins, report, eval, export, convert."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,30 +17,64 @@ import click
 import rlcore
 from rlcore import plugins
 from rlcore.config import load_file, merge, parse_overrides
-from rlcore.errors import RLCoreError
+from rlcore.errors import RLCoreError, RunDirError, StopNow, user_message
+from rlcore.stopping import exit_status
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-class _Failure(click.ClickException):
-    """An RLCoreError shown as `Error: <message>` with exit status 2, without a traceback."""
+DEBUG = "rlcore.debug"
+"""Where `--debug` is recorded in click's context (`RLCORE_DEBUG=1` in the environment does the same)."""
 
-    exit_code = 2
+
+class _Failure(click.ClickException):
+    """A one-line `Error: <message>` without a traceback: exit status 2 for the user's mistakes (an
+    RLCoreError), 1 for the machine's state (a DiskError, or an OSError such as a full or read-only disk)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _debug_requested() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return os.environ.get("RLCORE_DEBUG", "") not in ("", "0") or bool(ctx is not None and ctx.meta.get(DEBUG))
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[DEBUG] = True
+
+
+_debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                             help="Show the Python traceback of an error instead of one line (also RLCORE_DEBUG=1).")
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print RLCoreError messages as a one-line CLI error (exit 2) instead of a traceback."""
+    """Every command's error handling: an exception that `rlcore.errors.user_message` words (the user's
+    mistake, a full or read-only disk) is printed as one `Error:` line without a traceback unless
+    `--debug`; a second SIGTERM / SIGINT exits with 128 + its number; anything else is a bug and keeps its
+    traceback. Adds the command's own `--debug` flag."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except RLCoreError as e:
-            raise _Failure(str(e)) from None
-    return wrapper
+        except StopNow as e:
+            raise click.exceptions.Exit(exit_status(e.signum)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(exit_status(signal.SIGINT)) from None
+        except Exception as e:
+            message = user_message(e)
+            if message is None or _debug_requested():
+                raise
+            raise _Failure(message, e.exit_code if isinstance(e, RLCoreError) else 1) from None
+    return _debug_option(wrapper)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(rlcore.__version__, prog_name="rlcore")
+@_debug_option
 def main() -> None:
     """rlcore: reinforcement learning for LLM post-training, a tiny core loop plus plugins."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -54,17 +90,30 @@ def _plugin_option(kind: str, flag: str) -> Callable[[Callable[..., Any]], Calla
                         help=f"{kind} plugin (installed: {', '.join(plugins.available(kind)) or 'none'}).")
 
 
-def _resolve(saved_run: Path | None, config_file: Path | None, selection: dict[str, str | None],
+def _resolve(saved: dict[str, Any] | None, config_file: Path | None, selection: dict[str, str | None],
              trainer: dict[str, Any], overrides: tuple[str, ...]) -> Any:
     """Build the run's config: the saved config of a run directory, then --config, flags, --set."""
     from rlcore.run_config import resolve
 
-    raw: dict[str, Any] = load_file(saved_run / "config.yaml") if saved_run is not None else {}
+    raw: dict[str, Any] = dict(saved or {})
     if config_file is not None:
         raw = merge(raw, load_file(config_file))
     flags = {"plugins": {k: v for k, v in selection.items() if v is not None},
              "trainer": {k: v for k, v in trainer.items() if v is not None}}
     return resolve(merge(merge(raw, flags), parse_overrides(list(overrides))))
+
+
+def _finite_float(low: float) -> click.ParamType:
+    """A float option that must be finite and at least `low` (click's FloatRange lets NaN through)."""
+    class FiniteFloat(click.ParamType):
+        name = "float"
+
+        def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+            number = click.FLOAT.convert(value, param, ctx)
+            if not math.isfinite(number) or number < low:
+                self.fail(f"{value!r} must be a finite number >= {low:g}", param, ctx)
+            return number
+    return FiniteFloat()
 
 
 @main.command()
@@ -80,26 +129,42 @@ def _resolve(saved_run: Path | None, config_file: Path | None, selection: dict[s
 @click.option("--steps", type=int, default=None, help="Shortcut for --set trainer.steps=N.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set trainer.seed=N.")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="Where config.yaml, metrics.jsonl, checkpoints and summary.json go (default: runs/<time>-<algo>-<task>).")
+              help="Where config.yaml, metrics.jsonl, checkpoints and summary.json go (default: "
+                   "runs/<time>-<algo>-<task>); it must not hold another run.")
 @click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Continue the run in this directory from its latest checkpoint, with its saved config.")
+              help="Continue the run in this directory from its newest complete checkpoint, with its saved config "
+                   "(options that change what the run is are refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in a --run-dir that holds one, deleting its config, metrics, checkpoints and "
+                   "built model.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and options, print the config, and exit.")
 @click.option("--trace", is_flag=True, help="Print every hook call and result (pluggy tracing) to stderr.")
 @_user_errors
 def run(algo: str | None, backend: str | None, rollout: str | None, task: str | None, hardware: str | None,
         model: str | None, config_file: Path | None, overrides: tuple[str, ...], steps: int | None,
-        seed: int | None, run_dir: Path | None, resume: Path | None, dry_run: bool, trace: bool) -> None:
+        seed: int | None, run_dir: Path | None, resume: Path | None, overwrite: bool, dry_run: bool,
+        trace: bool) -> None:
     """Train a policy with RL. With no options: GRPO teaches an embedded tiny model arithmetic on this CPU.
 
     Options resolve in this order, later wins: plugin defaults, the saved config of --resume,
-    --config, the flags above, --set.
+    --config, the flags above, --set. SIGTERM or Ctrl-C finishes the step under way, saves a checkpoint
+    and exits with 143 / 130; a second one exits at once.
     """
-    from rlcore.loop import Trainer, write_config
+    from rlcore import resume as resuming
+    from rlcore.rundir import check_is_directory, load_saved_config
 
+    saved = None
     if resume is not None:
+        if run_dir is not None and run_dir.resolve() != resume.resolve():
+            raise RunDirError(f"--resume {resume} continues that run in its own directory, so --run-dir {run_dir} "
+                              "would be ignored: drop --run-dir, or start a new run there without --resume")
+        if overwrite:
+            raise RunDirError("--overwrite starts a new run and --resume continues one: pass only one of them")
         run_dir = resume
-    cfg = _resolve(resume, config_file, dict(algo=algo, backend=backend, rollout=rollout, task=task, hardware=hardware),
+        saved = load_saved_config(resume, "--resume")
+    cfg = _resolve(saved, config_file, dict(algo=algo, backend=backend, rollout=rollout, task=task, hardware=hardware),
                    dict(model=model, steps=steps, seed=seed), overrides)
+    changes = resuming.changes(saved, cfg, resume) if saved is not None and resume is not None else []
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
@@ -112,19 +177,10 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a timestamped name could differ between ranks
             raise click.UsageError("under torchrun pass --run-dir: every rank must use the same run directory")
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.selection['algo']}-{cfg.selection['task']}"
-    click.echo(write_config(cfg, run_dir), nl=False)
-    click.echo(f"run directory: {run_dir}")
-    trainer = Trainer(cfg, run_dir, trace=trace)
-    try:
-        trainer.setup(resume=resume is not None)
-        summary = trainer.run()
-    finally:
-        trainer.close()
-    click.echo(f"\nreward {summary.reward_start:.3f} -> {summary.reward_end:.3f} "
-               f"(mean reward/mean of the first and last 10 steps), {summary.steps} steps in {summary.seconds:.0f} s")
-    click.echo(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, summary.json)")
-    click.echo("next: `rlcore report {0}` draws the curves; `rlcore run --resume {0} --set trainer.steps=N` "
-               "trains on; try --algo, --task or --model PATH (`rlcore plugins` lists what is installed).".format(run_dir))
+    check_is_directory(run_dir)
+    from rlcore.run_session import train
+
+    train(cfg, run_dir, resume=resume is not None, changes=changes, overwrite=overwrite, trace=trace)
 
 
 @main.command(name="plugins")
@@ -171,17 +227,18 @@ def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or TOML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one option.")
 @click.option("--split", default="test", show_default=True, help="Dataset split to evaluate on.")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N problems.")
-@click.option("--samples", "-n", type=int, default=1, show_default=True, help="Samples per problem.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N problems.")
+@click.option("--samples", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per problem.")
 @click.option("--k", "ks", default="1", show_default=True, help="Comma-separated k values for pass@k (each <= samples).")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: 0 for one sample, "
-              "else sampling.temperature).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
+@click.option("--temperature", type=_finite_float(0.0), default=None,
+              help="Sampling temperature (default: 0 for one sample, else sampling.temperature).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the result as JSON here (its directory must exist).")
 @_user_errors
 def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model: str | None, run_dir: Path | None,
              config_file: Path | None, overrides: tuple[str, ...], split: str, limit: int | None, samples: int,
              ks: str, temperature: float | None, out: Path | None) -> None:
-    """Evaluate a model (or a run's latest checkpoint) on a task split: pass@k and mean reward."""
+    """Evaluate a model (or a run's newest complete checkpoint) on a task split: pass@k and mean reward."""
     import json
     import tempfile
 
@@ -189,6 +246,8 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
 
     from rlcore.evaluate import evaluate
     from rlcore.loop import make_context, open_registry
+    from rlcore.prompt_fit import prompt_fit
+    from rlcore.rundir import load_saved_config
 
     try:
         k_values = sorted({int(k) for k in ks.split(",") if k.strip()})
@@ -196,7 +255,10 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
         raise RLCoreError(f"--k {ks!r}: expected comma-separated integers such as 1,4,8") from None
     if not k_values or max(k_values) > samples or min(k_values) < 1:
         raise RLCoreError(f"--k {ks!r}: each k must be between 1 and --samples ({samples}); raise --samples")
-    cfg = _resolve(run_dir, config_file, dict(rollout=rollout, task=task, hardware=hardware), dict(model=model), overrides)
+    if out is not None and not out.parent.is_dir():
+        raise RLCoreError(f"--out {out}: directory {out.parent} does not exist; create it or write elsewhere")
+    saved = load_saved_config(run_dir, "--run-dir") if run_dir is not None else None
+    cfg = _resolve(saved, config_file, dict(rollout=rollout, task=task, hardware=hardware), dict(model=model), overrides)
     with tempfile.TemporaryDirectory(prefix="rlcore-eval-") as tmp:
         work = Path(tmp)
         if run_dir is not None and model is None:
@@ -208,6 +270,10 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
                 registry.call(key, "setup", ctx=ctx)
             data = registry.require("task", "dataset", split=split)
             prompts = [data[i] for i in range(min(limit or len(data), len(data)))]
+            fit = prompt_fit(ctx, cfg.sampling.max_new_tokens)
+            if fit is not None:
+                fit.use_tools([tool for tools in registry.hook.tools() for tool in (tools or [])])
+                prompts = list(fit.check(prompts, f"{split} split", drop=cfg.trainer.filter_overlong_prompts))
             temp = temperature if temperature is not None else (0.0 if samples == 1 else cfg.sampling.temperature)
             params = attrs.evolve(cfg.sampling.params(), n=samples, temperature=temp)
             result = evaluate(registry, prompts, params, k_values, progress=True)
@@ -221,26 +287,34 @@ def eval_cmd(rollout: str | None, task: str | None, hardware: str | None, model:
 
 
 def _export_latest(cfg: Any, run_dir: Path, out: Path) -> Path:
-    """Export the latest checkpoint of `run_dir` as a transformers directory through the backend's hook."""
+    """Export the newest complete checkpoint of `run_dir` as a transformers directory through the backend's hook."""
     from rlcore.checkpoint import Checkpoints
     from rlcore.loop import make_context, open_registry
 
-    ckpt = Checkpoints(run_dir / "checkpoints").latest()
-    if ckpt is None:
-        raise RLCoreError(f"{run_dir} has no checkpoint yet (checkpoints/step_*): train at least to the first "
-                          "save (trainer.save_every) or pass --model")
     registry = open_registry(cfg, ("hardware", "backend"))
+    required = ["backend", "core"] if registry.implements("backend", "save_state") else ["core"]
+    ckpt, skipped = Checkpoints(run_dir / "checkpoints").newest_complete(required)
+    for path, why in skipped:
+        click.echo(f"skipped incomplete checkpoint {path.name} ({why})", err=True)
+    if ckpt is None:
+        raise RLCoreError(f"{run_dir} has no complete checkpoint (checkpoints/step_*): train at least to the first "
+                          "save (trainer.save_every) or pass --model")
     ctx = make_context(cfg, registry, run_dir)
     return registry.require("backend", "export_model", checkpoint=ckpt / "backend", out=out, ctx=ctx)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the model to.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New directory to write the model to.")
 @_user_errors
 def export(run_dir: Path, out: Path) -> None:
-    """Write a run's latest checkpoint as a transformers model directory (LoRA merged)."""
-    cfg = _resolve(run_dir, None, {}, {}, ())
+    """Write a run's newest complete checkpoint as a transformers model directory (LoRA merged)."""
+    from rlcore.rundir import load_saved_config
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RLCoreError(f"--out {out} already exists{' as a file' if not out.is_dir() else ' and is not empty'}: "
+                          "name a new directory (the model's files would mix with what is there)")
+    cfg = _resolve(load_saved_config(run_dir, "RUN_DIR"), None, {}, {}, ())
     click.echo(f"wrote {_export_latest(cfg, run_dir, out)}")
 
 

@@ -8,6 +8,7 @@ key and what it accepts.
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 import typing
@@ -129,16 +130,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except ValueError:
             raise bad from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise bad
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise bad
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -179,10 +183,13 @@ def check_choice(*choices: Any) -> Any:
 
 
 def check_range(low: float | None = None, high: float | None = None) -> Any:
-    """An attrs validator for a number within [low, high], naming the field on failure."""
+    """An attrs validator for a finite number within [low, high] (NaN and infinities never pass), naming the
+    field on failure."""
     def validate(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None:
             return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{attribute.name}={value!r} must be a finite number")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in [{low}, {high}]"
             raise ValueError(f"{attribute.name}={value!r} must be {bounds}")

@@ -11,6 +11,7 @@ import attrs
 from rich.progress import Progress
 
 from rlcore.plugins import Registry
+from rlcore.scoring import check_finite
 from rlcore.types import Prompt, RolloutBatch, SamplingParams, Scores
 
 
@@ -60,6 +61,7 @@ def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingPara
             part = list(prompts[i:i + chunk])
             batch = registry.require("rollout", "sample", prompts=part, params=params, tools=tools)
             scores = registry.require("task", "score", batch=batch)
+            check_finite(scores.rewards.float(), batch.prompts, registry.names.get("task", "?"), "evaluation")
             if on_batch is not None:
                 on_batch(batch, scores)
             infos = scores.info or [{} for _ in range(len(batch))]

@@ -10,25 +10,29 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-import yaml
 
 from rlcore import models
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
-from rlcore.errors import TrainingError
+from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate
 from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
+from rlcore.prompt_fit import PromptFit, prompt_fit
 from rlcore.run_config import ResolvedConfig
-from rlcore.types import PolicyLoss, RolloutBatch, UpdatePlan
+from rlcore.scoring import check_finite
+from rlcore.stopping import GracefulStop
+from rlcore.types import PolicyLoss, Prompt, RolloutBatch, UpdatePlan
 
 log = logging.getLogger("rlcore")
 
@@ -112,31 +116,81 @@ class Trainer:
         self.step = 0
         self.rewards: list[float] = []
         self.warned_fill = False
+        self.resumed_from: Path | None = None
+        self.skipped: list[tuple[Path, str]] = []
+        """Checkpoints newer than `resumed_from` that were incomplete (and removed), with the reason."""
+        self.stopped_by: str | None = None
+        """The signal that stopped the run early, if one did."""
+        self.error_steps = 0
+        """Consecutive steps on which the reward function raised on every sample."""
+        self.closed = False
+        self.working_on: int | None = None
+        """The step under way in `run` (its number), None between steps."""
 
     # ---- setup ----------------------------------------------------------------------------------
 
+    def _state_dirs(self) -> list[str]:
+        """Checkpoint subdirectories of the plugins that save state (registry key, `:` as `_`)."""
+        return [k.replace(":", "_") for k in self.registry.keys() if self.registry.implements(k, "save_state")]
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: every selected plugin that saves state has its state in it (a tracker
+        or extra added since the checkpoint was written starts fresh, so theirs are not required)."""
+        required = [d for d in self._state_dirs() if not d.startswith(("extra_", "tracker_"))] + ["core"]
+        ckpt, self.skipped = self.checkpoints.newest_complete(required)
+        if ckpt is None and self.skipped:
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in self.skipped)
+            raise CheckpointError(f"{self.checkpoints.root} holds no complete checkpoint to resume from ({reasons}); "
+                                  f"start the run over with `rlcore run --run-dir {self.run_dir} --overwrite ...`")
+        return ckpt
+
     def setup(self, resume: bool = False) -> None:
-        """Seed, resolve the model, set every plugin up, and restore the latest checkpoint if resuming."""
+        """Seed, resolve the model, set every plugin up, and restore the newest complete checkpoint if resuming."""
         t = self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self.checkpoints.latest() if resume else None
+        ckpt = self._choose_checkpoint() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
+        fit = prompt_fit(ctx, self.cfg.sampling.max_new_tokens)  # before any worker starts: max_new_tokens fits
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
-        self.stream = PromptStream(self.registry.require("task", "dataset", split="train"), seed=t.seed)
         self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
+        if fit is not None:
+            fit.use_tools(self.tools)
+        train = self.registry.require("task", "dataset", split="train")
+        admit = None
+        if fit is not None and isinstance(train, (list, tuple)):
+            train = fit.check(train, "train split", drop=t.filter_overlong_prompts)
+        elif fit is not None:
+            admit = self._admitter(fit)
+        self.stream = PromptStream(train, seed=t.seed, admit=admit)
         if t.eval_every:
             test = self.registry.require("task", "dataset", split="test")
-            self.eval_prompts = [test[i] for i in range(min(t.eval_limit, len(test)))]
+            self.eval_prompts: Sequence[Prompt] = [test[i] for i in range(min(t.eval_limit, len(test)))]
+            if fit is not None:
+                self.eval_prompts = fit.check(self.eval_prompts, "test split (trainer.eval_every)",
+                                              drop=t.filter_overlong_prompts)
         if ckpt is not None:
             self._restore(ckpt)
+            for path, _ in self.skipped:
+                shutil.rmtree(path, ignore_errors=True)  # newer than the resumed step, so retraining replaces them
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
         self.generations = GenerationLog(self.run_dir, self.hook, t.generations_every, t.generations_samples,
                                          keep_until=self.step if resume else None)
         self.hook.sync_weights(weights=self.hook.policy_weights())
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
+
+    def _admitter(self, fit: PromptFit) -> Any:
+        """Check each prompt of a generated train split as it is drawn: skip or stop on one that does not fit."""
+        drop = self.cfg.trainer.filter_overlong_prompts
+
+        def admit(prompt: Prompt) -> bool:
+            ok, n = fit.fits(prompt)
+            if not ok and not drop:
+                raise fit.error(prompt, n or 0, f"step {self.step + 1}, train split")
+            return ok
+        return admit
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -169,6 +223,7 @@ class Trainer:
             scores = self.registry.require("task", "score", batch=batch)
             timings["timing/score"] = timings.get("timing/score", 0.0) + time.perf_counter() - t0
             batch.rewards = scores.rewards.float()
+            check_finite(batch.rewards, batch.prompts, self.cfg.selection["task"], f"step {self.step + 1}")
             rollout_infos += batch.info or []
             infos += scores.info or []
             batch.info = [{**a, **b} for a, b in zip(batch.info or [{}] * len(batch), scores.info or [{}] * len(batch))]
@@ -216,6 +271,7 @@ class Trainer:
         t_step = time.perf_counter()
         timings: dict[str, float] = {}
         batch, metrics = self._collect(timings)
+        self._check_reward_errors(metrics)
         if batch is not None:
             t0 = time.perf_counter()
             if self.loss.needs_ref_logprobs:
@@ -255,6 +311,17 @@ class Trainer:
         self.generations.train(self.step + 1, batch)
         return metrics
 
+    def _check_reward_errors(self, metrics: dict[str, Any]) -> None:
+        """Stop when the reward function raised on every sample for `max_reward_error_steps` steps in a row."""
+        limit = self.cfg.trainer.max_reward_error_steps
+        self.error_steps = self.error_steps + 1 if metrics.get("score/reward_error") == 1.0 else 0
+        if limit and self.error_steps >= limit:
+            raise TrainingError(
+                f"step {self.step + 1}: task {self.cfg.selection['task']!r}: its reward function raised on every "
+                f"sample for {self.error_steps} steps in a row (the first error of each step is in the warnings "
+                "above), so nothing can be learned; fix the reward function, or raise trainer.max_reward_error_steps "
+                "(0: never stop)")
+
     def validate(self) -> dict[str, float]:
         """pass@1 and mean reward on the first `eval_limit` test problems."""
         t = self.cfg.trainer
@@ -266,41 +333,57 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
-    def _write_checkpoint(self, directory: Path) -> None:
+    def _write_checkpoint(self, directory: Path) -> list[str]:
+        """Every stateful plugin's state in its own subdirectory, then the loop's (`core/`); the names written."""
+        written = []
         for key in self.registry.keys():
+            if not self.registry.implements(key, "save_state"):
+                continue
             sub = directory / key.replace(":", "_")
             sub.mkdir()
             self.registry.call(key, "save_state", directory=sub)
+            written.append(sub.name)
         core = directory / "core"
         core.mkdir()
         state = {"step": self.step, "stream": self.stream.state(), "rewards": self.rewards}
         (core / "trainer_state.json").write_text(json.dumps(state))
         save_rng(core / "rng.pkl")
+        return [*written, "core"]
 
     def save(self) -> Path:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _restore(self, ckpt: Path) -> None:
+        """Load a verified checkpoint into every plugin (a tracker or extra added since it was saved starts fresh)."""
         for key in self.registry.keys():
             sub = ckpt / key.replace(":", "_")
             if sub.is_dir():
                 self.registry.call(key, "load_state", directory=sub)
+            elif self.registry.implements(key, "save_state"):
+                log.warning("%s has no state for %s (added since it was saved): it starts fresh", ckpt, key)
         state = json.loads((ckpt / "core" / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.stream.load(state["stream"])
         self.rewards = [float(r) for r in state["rewards"]]
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        self.resumed_from = ckpt
 
     # ---- the run ----------------------------------------------------------------------------------
 
-    def run(self) -> Summary:
-        """Train until `trainer.steps`, checkpointing every `save_every` steps and at the end."""
+    def run(self, stop: GracefulStop | None = None) -> Summary:
+        """Train until `trainer.steps`, checkpointing every `save_every` steps and at the end. When `stop`
+        reports a signal, the step under way finishes, a checkpoint is written at that step and the run
+        returns early with `stopped_by` set (and no summary.json)."""
         t = self.cfg.trainer
         started = time.perf_counter()
         display = ProgressDisplay(t.steps, self.step, t.log_every) if self.show_progress else None
-        last_ckpt = self.checkpoints.latest()
+        last_ckpt = self.resumed_from
+        if stop is not None:
+            stop.arm()
         try:
             while self.step < t.steps:
+                if stop is not None and stop.requested:
+                    break
+                self.working_on = self.step + 1
                 metrics = self.train_step()
                 self.step += 1
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
@@ -313,6 +396,11 @@ class Trainer:
                     display.update(self.step, row)
                 if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                     last_ckpt = self.save()
+                self.working_on = None
+            if stop is not None and stop.requested and self.step < t.steps:
+                self.stopped_by = stop.name
+                if self.step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{self.step:06d}"):
+                    last_ckpt = self.save()
         finally:
             if display is not None:
                 display.close()
@@ -320,19 +408,12 @@ class Trainer:
         summary = Summary(run_dir=str(self.run_dir), steps=self.step, reward_start=_mean(self.rewards[:k]),
                           reward_end=_mean(self.rewards[-k:]), seconds=time.perf_counter() - started,
                           last_checkpoint=str(last_ckpt) if last_ckpt else None)
-        (self.run_dir / "summary.json").write_text(json.dumps(attrs.asdict(summary), indent=2))
+        if self.stopped_by is None:
+            (self.run_dir / "summary.json").write_text(json.dumps(attrs.asdict(summary), indent=2))
         return summary
 
     def close(self) -> None:
-        """Tear every plugin down (engines, processes); safe to call after an error."""
-        self.hook.teardown()
-
-
-def write_config(cfg: ResolvedConfig, run_dir: Path) -> str:
-    """Save the resolved config as `config.yaml` in the run directory (under torchrun, rank 0 only) and
-    return its text."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if models.launch_rank() == 0:
-        (run_dir / "config.yaml").write_text(text)
-    return text
+        """Tear every plugin down (engines, processes), once; safe to call after an error."""
+        if not self.closed:
+            self.closed = True
+            self.hook.teardown()

@@ -24,6 +24,9 @@ from rlcore.types import ModelSpec
 TINY_CHARS = "0123456789+-*="
 """The embedded tokenizer's alphabet: enough for the arithmetic task's compact prompts and answers."""
 SPECIALS = ("<pad>", "<eos>", "<unk>")
+CONTEXT = 4096
+"""The embedded models' positions (rotary, so no parameter or output depends on it): room for the CPU recipes'
+MATH and MBPP prompts, which the context-length check would otherwise refuse."""
 
 
 def build_tiny_tokenizer(directory: Path) -> None:
@@ -57,7 +60,7 @@ def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: i
     vocab = len(SPECIALS) + len(TINY_CHARS)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=CONTEXT,
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
@@ -120,7 +123,7 @@ def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hid
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         max_position_embeddings=CONTEXT, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3]}),
@@ -161,7 +164,11 @@ def build_model_dir(path: Path, build: Callable[[Path], Any], timeout_s: float =
         return
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
     tmp.replace(path)
 
@@ -180,6 +187,9 @@ def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
     gguf_file = None
     if p.is_file() and p.suffix == ".gguf":
         p, gguf_file = p.parent, p.name
+    elif p.is_file():
+        raise ConfigError(f"--model {model!r} is a file but not a GGUF model (.gguf): pass a transformers model "
+                          "directory (config.json and weights) or a .gguf file")
     elif p.is_dir() and not (p / "config.json").exists():
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -196,8 +206,50 @@ def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
         local = run_dir / "model"
         build_model_dir(local, lambda d: dequantize_gguf(p, gguf_file, d))
         return ModelSpec(path=str(local), tokenizer=load_tokenizer(str(local)))
-    path = str(p) if p.exists() else model
-    return ModelSpec(path=path, tokenizer=load_tokenizer(path))
+    if not p.exists():
+        try:
+            return ModelSpec(path=model, tokenizer=load_tokenizer(model))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: all mean this id cannot be used here
+            raise ConfigError(f"--model {model!r} is not a local path and cannot be loaded from the Hugging Face hub "
+                              f"({_first_line(e)}): offline (HF_HUB_OFFLINE, no network) or no such model; pass a "
+                              "local model directory or .gguf file") from e
+    check_model_dir(p)
+    try:
+        tokenizer = load_tokenizer(str(p))
+    except Exception as e:  # noqa: BLE001 - a broken or missing tokenizer is the model directory's problem
+        raise ConfigError(f"--model {str(p)!r}: cannot load its tokenizer ({_first_line(e)}); the directory needs "
+                          "the tokenizer files save_pretrained writes (tokenizer.json, tokenizer_config.json)") from e
+    return ModelSpec(path=str(p), tokenizer=tokenizer)
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def check_model_dir(path: Path) -> None:
+    """A one-line error when a transformers model directory has no weights, or a config.json this
+    transformers cannot read (invalid JSON, an unknown `model_type`)."""
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ConfigError(f"--model {str(path)!r} has config.json but no weights (model.safetensors or "
+                          "pytorch_model.bin): pass a complete model directory (save_pretrained writes both)")
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - every failure here is the config file's
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            raise ConfigError(f"--model {str(path)!r}: config.json is not a valid JSON object ({_first_line(e)}); "
+                              "restore it from the model's source") from e
+        raise ConfigError(f"--model {str(path)!r}: config.json (model_type {model_type!r}) cannot be read by "
+                          f"transformers {transformers.__version__} ({_first_line(e)}); upgrade transformers if the "
+                          "architecture is newer, or fix config.json") from e
 
 
 def dequantize_gguf(directory: Path, gguf_file: str, out: Path) -> Path:
@@ -207,12 +259,18 @@ def dequantize_gguf(directory: Path, gguf_file: str, out: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM
 
+    import importlib.util
+
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
         tokenizer = load_tokenizer(str(directory), gguf_file)
-    except (ImportError, ValueError) as e:
-        raise ConfigError(f"--model {str(directory / gguf_file)!r}: cannot load the GGUF file ({e}); "
-                          "install the GGUF extra: pip install 'rlcore[gguf]'") from None
+    except Exception as e:  # noqa: BLE001 - a GGUF that cannot be read raises many types (struct.error, ValueError)
+        where = str(directory / gguf_file)
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"--model {where!r}: reading GGUF files needs the gguf package: "
+                              "pip install 'rlcore[gguf]'") from e
+        raise ConfigError(f"--model {where!r}: cannot read the GGUF file ({_first_line(e)}); it is truncated or "
+                          "corrupt (download it again), or holds an architecture transformers cannot de-quantize") from e
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are plain float32 now

@@ -29,6 +29,8 @@ from rlcore.errors import PluginError
 KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
+FLAG_KINDS = ("algo", "backend", "rollout", "task", "hardware")
+"""Kinds `rlcore run` selects with a flag of that name; the others with `--set plugins.KIND=NAME`."""
 MANY_KINDS = ("tracker", "extra")
 """Kinds with any number of plugins per run (trackers as `trainer.log_to` selects, every enabled extra),
 registered under `kind:name` after the selected ones."""
@@ -80,7 +82,8 @@ def load(kind: str, name: str) -> type:
     """Import the plugin class `name` of `kind`, with an error that lists what is installed."""
     eps = entry_points(kind)
     names = available(kind)
-    choose = {"tracker": "List them in --set trainer.log_to=[NAME,...]"}.get(kind, f"Choose one with --{kind} NAME")
+    flag = f"--{kind} NAME" if kind in FLAG_KINDS else f"--set plugins.{kind}=NAME"
+    choose = "List them in --set trainer.log_to=[NAME,...]" if kind == "tracker" else f"Choose one with {flag}"
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
                           f"{', '.join(names) or '(none)'}. {choose}, "

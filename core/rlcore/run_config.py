@@ -47,6 +47,12 @@ class TrainerOptions:
     """Sampling temperature of evaluation (0: greedy)."""
     log_every: int = attrs.field(default=10, validator=check_range(1))
     """Print a progress line every N steps when the output is not a terminal."""
+    max_reward_error_steps: int = attrs.field(default=3, validator=check_range(0))
+    """Stop the run when the task's reward function raised on every sample for this many steps in a row
+    (0: never stop)."""
+    filter_overlong_prompts: bool = False
+    """Leave out prompts whose tokens plus `sampling.max_new_tokens` exceed the model's context (verl's
+    `data.filter_overlong_prompts`) instead of stopping with an error naming the first."""
     log_to: list[str] = attrs.field(factory=list)
     """Experiment trackers this run records to (tracker plugins, e.g. [tensorboard, wandb]; `rlcore plugins`
     lists the installed ones); an installed tracker is never active unless listed here."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rlcore.errors import TrainingError
 from rlcore.types import Prompt, RolloutBatch, Scores
 
 log = logging.getLogger("rlcore.scoring")
@@ -48,3 +49,15 @@ def score_each(batch: RolloutBatch, fn: RewardFn) -> Scores:
         n = sum(int(x["reward_error"]) for x in infos)
         log.warning("reward function raised on %d of %d samples; first: %s", n, len(infos), first_error)
     return Scores(rewards=torch.tensor(rewards, dtype=torch.float32), info=infos)
+
+
+def check_finite(rewards: torch.Tensor, prompts: list[Prompt], task: str, where: str) -> None:
+    """Stop with an error naming the task when any reward is NaN or infinite: such a reward would turn every
+    advantage of its group into NaN, and the run would learn nothing while looking alive."""
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        first = prompts[i].id if i < len(prompts) else "?"
+        raise TrainingError(f"{where}: task {task!r} returned {int(bad.sum())} non-finite rewards of {len(rewards)} "
+                            f"(first: {float(rewards[i])} for prompt {first!r}); a reward must be a finite number: "
+                            "fix the task's reward function")

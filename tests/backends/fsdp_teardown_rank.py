@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from rlcore_backends.fsdp_backend import FSDPBackend
-from rlcore_backends.fsdp_worker import FSDPWorker, RankSpec, torchrun_rank
-from rlcore_backends.worker_group import TorchrunGroup, serve_ranks
+from rlcore_backends.common.worker_group import TorchrunGroup, serve_ranks
+from rlcore_backends.update.fsdp.backend import FSDPBackend
+from rlcore_backends.update.fsdp.worker import FSDPWorker, RankSpec, torchrun_rank
 
 
 def gloo_threads() -> list[str]:

@@ -45,6 +45,8 @@ def test_fsdp_run_resumes_exactly_and_exports(tmp_path: Path) -> None:
     shutil.rmtree(resumed / "checkpoints" / "step_000003")
     rlcore("run", "--resume", resumed)
     assert metrics(resumed) == rows, "steps 3 after resuming from step 2 equal the uninterrupted run's"
+    rlcore("run", "--resume", resumed, "--steps", 4, "--set", "backend.lr=0.5")
+    assert [r["lr"] for r in metrics(resumed)] == [2e-3] * 3 + [0.5], "every rank trains with the new lr"
 
     rlcore("export", full, "--out", tmp_path / "model")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
@@ -71,7 +73,7 @@ def test_fsdp_under_torchrun(tmp_path: Path, rlcore_tiny_model: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlcore"]
     run_dir = tmp_path / "run"
     rlcore("run", "--backend", "fsdp", "--model", rlcore_tiny_model, "--run-dir", run_dir, "--steps", 2,
-           "--set", "backend.lr=2e-3", *SMALL, launcher=torchrun)
+           "--set", "backend.lr=2e-3", "--set", "sampling.max_new_tokens=4", *SMALL, launcher=torchrun)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert len(list((run_dir / "checkpoints" / "step_000002" / "backend" / "dcp").glob("*.distcp"))) == 2
 

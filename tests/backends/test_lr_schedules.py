@@ -127,6 +127,21 @@ def test_torch_backend_resumes_the_cosine_schedule_exactly(make_backend: Callabl
     assert got == want
 
 
+def test_a_resume_with_another_schedule_follows_it_from_the_resumed_step(
+        make_backend: Callable[..., TorchBackend], batch: RolloutBatch, tmp_path: Path) -> None:
+    """`rlcore run --resume D --set backend.lr_scheduler_type=linear ...` (the schedule may change on resume,
+    like lr): optimizer steps 2-4 run on the new peak and schedule, not on the checkpoint's."""
+    plan, loss = UpdatePlan(), TokenMeanPG()
+    first = make_backend(lr=1e-3)
+    assert [first.update(batch=batch, loss=loss, plan=plan)["lr"] for _ in range(2)] == [1e-3, 1e-3]
+    first.save_state(directory=tmp_path)
+    resumed = make_backend(lr=2e-3, lr_scheduler_type="linear", min_lr_ratio=0.1, total_training_steps=5)
+    resumed.load_state(directory=tmp_path)
+    got = [resumed.update(batch=batch, loss=loss, plan=plan)["lr"] for _ in range(3)]
+    assert got == pytest.approx([2e-3 * LRSchedule("linear", 0, 5, 0.1).factor(s) for s in (2, 3, 4)])
+    assert got[0] < 2e-3 and got[2] < got[1] < got[0]
+
+
 def test_a_run_config_sets_the_torch_backends_schedule_length(rlcore_context: RunContext) -> None:
     ctx = attrs.evolve(rlcore_context, config={"trainer": {"steps": 4, "epochs": 1, "mini_batches": 2}})
     backend = TorchBackend(TorchBackend.Options(lr_scheduler_type="linear"))

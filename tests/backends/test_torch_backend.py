@@ -126,6 +126,21 @@ def test_save_load_resumes_identically(make_backend: Factory, batch: RolloutBatc
     assert all(torch.equal(a[n], b[n]) for n in a) and ma["loss"] == mb["loss"] and ma["lr"] == mb["lr"]
 
 
+def test_a_resume_with_another_lr_trains_with_it_on_the_same_schedule(make_backend: Factory, batch: RolloutBatch,
+                                                                       tmp_path: Path) -> None:
+    """Loading the optimizer and scheduler restored the saved run's learning rate, so `--resume --set
+    backend.lr=...` was recorded but not applied."""
+    first = make_backend(lr=1e-3, warmup_steps=3)
+    assert first.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())["lr"] == pytest.approx(1e-3 / 3)
+    first.save_state(directory=tmp_path)
+    resumed = make_backend(lr=0.5, warmup_steps=3)
+    resumed.load_state(directory=tmp_path)
+    metrics = resumed.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
+    assert metrics["lr"] == pytest.approx(0.5 * 2 / 3)  # the new peak, at the second warmup step
+    assert resumed.scheduler.base_lrs == [0.5] and resumed.optimizer.param_groups[0]["initial_lr"] == 0.5
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # warmup over after step 2 (of 3: 3/3)
+
+
 @pytest.mark.parametrize("through_module", [True, False])
 def test_sync_weights_makes_rollout_match_trainer(make_backend: Factory, rollout: HFRollout,
                                                   batch: RolloutBatch, through_module: bool) -> None:

@@ -226,6 +226,24 @@ def test_bad_rows_are_rejected_or_skipped(tmp_path, caplog):
     assert "row 2: missing field 'problem' (or 'question')" in caplog.text
 
 
+def test_reference_answers_that_cannot_be_parsed_stop_loading(tmp_path, caplog):
+    """Before: `\\frac{1}{` loaded silently, and no response could ever score on it."""
+    path = tmp_path / "refs.jsonl"
+    rows = [{"problem": "P0", "answer": r"\frac{1}{2}"}, {"problem": "P1", "answer": r"\frac{1}{"},
+            {"problem": "P2", "solution": r"so \boxed{\left(1, 2}"}, {"problem": "P3", "answer": "x^"},
+            {"problem": "P4", "answer": "}{"}, {"problem": "P5", "answer": r"\left[ 0, \infty \right)"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"refs.jsonl: row 1: field 'answer': the reference answer '\\\\frac\{1\}\{' "
+                                        r"cannot be parsed \(1 '\{' never closed\)"):
+        task(train_path=str(path)).dataset("train")
+    prompts = task(train_path=str(path), bad_rows="skip").dataset("train")
+    assert [p.answer for p in prompts] == [r"\frac{1}{2}", r"\left[ 0, \infty \right)"]
+    assert "skipped 4 bad rows of 6" in caplog.text
+    assert "row 2: field 'solution': the reference answer" in caplog.text and "left but 0 " in caplog.text
+    assert "row 3: field 'answer'" in caplog.text and "it ends in '^'" in caplog.text
+    assert "row 4: field 'answer'" in caplog.text and "a '}' closes no '{'" in caplog.text
+
+
 # ---- options, contract, registration -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("options", "names"), [

@@ -127,3 +127,18 @@ def test_rlcore_run_logs_everything_to_the_tracker_and_resumes_into_the_same_run
             assert [r["response"] for r in got] == [r["response"] for r in want]
             assert [r["reward"] for r in got] == [r["reward"] for r in want]
             assert [r["finish_reason"] for r in got] == [r["finish_reason"] for r in want]
+
+
+@pytest.mark.slow
+def test_a_tracker_added_on_resume_starts_there_and_overwrite_starts_it_clean(tmp_path: Path) -> None:
+    """`trainer.log_to` may change on resume (a tracker added then opens its run at the resumed step); a new
+    run with --overwrite removes the old run's TensorBoard events, which would otherwise share its charts.
+    About 15 s (three short runs)."""
+    run_dir, small = tmp_path / "run", ("--set", "trainer.prompts_per_step=4", "--set", "sampling.n=4")
+    rlcore("run", "--run-dir", run_dir, "--steps", 2, *small)
+    out = rlcore("run", "--resume", run_dir, "--steps", 3, "--set", "trainer.log_to=[tensorboard]").stdout
+    assert "changed from step 3 on: trainer.steps 2 -> 3; trainer.log_to [] -> ['tensorboard']" in out
+    assert sorted(readers.tensorboard(run_dir).metrics["reward/mean"]) == [3]
+    assert json.loads((run_dir / "trackers" / "tensorboard.json").read_text())["files"] == ["tensorboard"]
+    rlcore("run", "--run-dir", run_dir, "--steps", 1, *small, "--overwrite", "--set", "trainer.log_to=[tensorboard]")
+    assert sorted(readers.tensorboard(run_dir).metrics["reward/mean"]) == [1]

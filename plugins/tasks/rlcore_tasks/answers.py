@@ -93,3 +93,31 @@ def answer_line(text: str) -> str | None:
     if BOX.search(answer):
         return last_boxed(answer)
     return answer or None
+
+
+def latex_problem(text: str) -> str | None:
+    """Why `text` cannot be a parseable LaTeX answer (empty, unbalanced braces, `\\left` without `\\right`, a
+    dangling `^`, `_` or backslash), or None. A cheap check for reference answers at load time: a reference
+    that math-verify cannot parse would make every response score 0."""
+    body = text.strip().strip("$").strip()
+    if not body:
+        return "it is empty"
+    depth = 0
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth < 0:
+            return "a '}' closes no '{'"
+        i += 1
+    if depth > 0:
+        return f"{depth} '{{' never closed"
+    lefts, rights = len(re.findall(r"\\left(?![A-Za-z])", body)), len(re.findall(r"\\right(?![A-Za-z])", body))
+    if lefts != rights:
+        return f"{lefts} \\left but {rights} \\right"
+    if re.search(r"(?:[\^_]|(?<!\\)\\)$", body):
+        return f"it ends in {body[-1]!r}"
+    return None

@@ -39,8 +39,10 @@ def field(row: Mapping[str, Any], *path: str) -> Any:
 
 
 def is_verl_row(row: Mapping[str, Any]) -> bool:
-    """Whether a row is in verl's format (chat-message `prompt` plus `reward_model`)."""
-    return "prompt" in row and "reward_model" in row
+    """Whether a row is in verl's format: chat-message `prompt` plus `reward_model` (a list `prompt` without
+    `reward_model` counts too, so its error names the missing `reward_model.ground_truth`)."""
+    prompt = row.get("prompt")
+    return isinstance(prompt, list) or (prompt is not None and row.get("reward_model") is not None)
 
 
 def verl_fields(row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
@@ -80,6 +82,8 @@ def load_split(split: str, path: str, split_path: str = "", subset: str = "") ->
     suffix = next((s for s in BUILDERS if local.name.endswith(s)), None)
     if local.is_file() and suffix is None:
         raise DataError(f"data file {name!r}: unknown type; use .jsonl, .json or .parquet")
+    if local.is_file() and local.stat().st_size == 0:
+        raise DataError(f"data file {name!r} is empty: it holds no rows; point the task at a file with rows")
     try:
         if local.is_file():
             return datasets.load_dataset(BUILDERS[suffix], data_files=str(local), split="train"), str(local)
@@ -94,6 +98,8 @@ def load_split(split: str, path: str, split_path: str = "", subset: str = "") ->
         return datasets.load_dataset(name, subset or None, split=split), f"{name} ({split} split)"
     except DataError:
         raise
+    except StopIteration:  # datasets' json reader on a file without a single row
+        raise DataError(f"data file {name!r} holds no rows; point the task at a file with rows") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean the data cannot be read
         hint = "" if local.exists() else (" (a hub id needs a network: set task.path to a local directory, or "
                                           "task.train_path / task.test_path to local files)")
@@ -107,7 +113,7 @@ def to_prompts(rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str
     and reported in one warning."""
     prompts: list[Prompt] = []
     skipped: list[str] = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_decoded(rows, source)):
         try:
             prompts.append(convert(row, i))
         except BadRow as e:
@@ -121,3 +127,20 @@ def to_prompts(rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str
     if not prompts:
         raise DataError(f"{source}: no usable rows")
     return prompts
+
+
+def _decoded(rows: Iterable[Mapping[str, Any]], source: str) -> Iterable[Mapping[str, Any]]:
+    """`rows`, with text that is not UTF-8 (which `datasets` decodes only as rows are read) reported by row."""
+    it = iter(rows)
+    index = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: row {index} is not valid UTF-8 ({e.reason}: "
+                            f"{e.object[e.start:e.start + 1]!r}); re-encode the file as UTF-8 "
+                            "(e.g. iconv -f latin1 -t utf-8)") from None
+        yield row
+        index += 1

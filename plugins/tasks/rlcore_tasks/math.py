@@ -16,7 +16,7 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
-from rlcore_tasks.answers import answer_line, last_boxed
+from rlcore_tasks.answers import answer_line, last_boxed, latex_problem
 from rlcore_tasks.datafiles import BAD_ROWS, BadRow, field, is_verl_row, load_split, to_prompts, verl_fields
 from rlcore_tasks.equivalence import Checker, CheckTimeout
 
@@ -73,15 +73,18 @@ class Math:
         (subject, level, ...) go to `meta`."""
         if is_verl_row(row):
             messages, truth, rest = verl_fields(row)
+            _check_reference(truth, "reward_model.ground_truth")
             return Prompt(messages=messages, answer=truth, id=prompt_id, meta={"index": index, **rest})
         problem = row.get("problem") or row.get("question")
         if not problem:
             raise BadRow("missing field 'problem' (or 'question')")
         answer = row.get("answer")
+        source = "answer"
         if answer is None or answer == "":
-            answer = last_boxed(str(field(row, "solution")))
+            answer, source = last_boxed(str(field(row, "solution"))), "solution"
             if answer is None:
                 raise BadRow("no field 'answer', and no \\boxed{} answer in field 'solution'")
+        _check_reference(str(answer), source)
         content = TEMPLATES[self.options.format].format(problem=problem)
         meta = {"index": index, **{k: v for k, v in row.items() if k not in USED_FIELDS}}
         return Prompt(messages=[{"role": "user", "content": content}], answer=str(answer), id=prompt_id, meta=meta)
@@ -107,3 +110,10 @@ class Math:
     def teardown(self) -> None:
         """Stop the math-verify worker."""
         self.checker.close()
+
+
+def _check_reference(answer: str, source: str) -> None:
+    """BadRow when a reference answer cannot be parsed, so no response could ever match it."""
+    problem = latex_problem(answer)
+    if problem is not None:
+        raise BadRow(f"field '{source}': the reference answer {answer[:60]!r} cannot be parsed ({problem})")

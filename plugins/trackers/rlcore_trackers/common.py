@@ -4,7 +4,9 @@ where its id is kept.
 A fresh run opens the library's run in `setup` with the resolved config. A resumed run waits for
 `load_state`, which hands over the run id and the step its checkpoint holds, and reopens that run (a
 tracker newly added on resume opens a fresh one at its first log). The id also goes to
-`<run_dir>/trackers/<name>.json`, so a person (and `rlcore report`) can find the run.
+`<run_dir>/trackers/<name>.json`, so a person (and `rlcore report`) can find the run, with the entries of
+the run directory that hold the library's local store (`files`), which `rlcore run --overwrite` removes
+with the rest of the run.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class Tracker:
         """Where the library keeps the run (a directory, a tracking URI, a project)."""
         raise NotImplementedError
 
+    def files(self) -> list[str]:
+        """Entries of the run directory that hold the library's local store (none when it is elsewhere)."""
+        return []
+
     # ---- helpers --------------------------------------------------------------------------------
 
     @property
@@ -133,8 +139,8 @@ class Tracker:
         self.run_id = self.open(run_id, step)
         record = self.run_dir / "trackers" / f"{self.name}.json"
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"tracker": self.name, "run_id": self.run_id, "location": self.location()},
-                                     indent=2) + "\n")
+        record.write_text(json.dumps({"tracker": self.name, "run_id": self.run_id, "location": self.location(),
+                                      "files": self.files()}, indent=2) + "\n")
 
     def _ensure_open(self) -> None:
         if self.run_id is None:

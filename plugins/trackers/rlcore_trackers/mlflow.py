@@ -61,6 +61,10 @@ class MLflowTracker(Tracker):
         return (self.options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{self.run_dir / 'mlflow.db'}")
 
+    def files(self) -> list[str]:
+        local = self.location() == f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        return ["mlflow.db", "mlflow-artifacts"] if local else []
+
     def open(self, run_id: str | None, resume_step: int) -> str:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient

@@ -42,6 +42,9 @@ class TensorBoardTracker(Tracker):
     def location(self) -> str:
         return str(Path(self.options.log_dir) if self.options.log_dir else self.run_dir / "tensorboard")
 
+    def files(self) -> list[str]:
+        return [] if self.options.log_dir else ["tensorboard"]
+
     def open(self, run_id: str | None, resume_step: int) -> str:
         from torch.utils.tensorboard import SummaryWriter
 

@@ -38,6 +38,9 @@ class WandbTracker(Tracker):
     def location(self) -> str:
         return str(self.run_dir / "wandb") if self.options.mode == "offline" else f"wandb project {self.options.project}"
 
+    def files(self) -> list[str]:
+        return ["wandb"]  # wandb.init(dir=run_dir) keeps the run's files there, online too
+
     def open(self, run_id: str | None, resume_step: int) -> str:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb

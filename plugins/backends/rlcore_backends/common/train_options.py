@@ -26,6 +26,12 @@ O = TypeVar("O", bound="OptimizerOptions")
 class OptimizerOptions:
     """What every trainer backend needs to take optimizer steps: AdamW, warmup, clipping, micro-batches, dtype."""
 
+    RESUMABLE = ("lr", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio", "total_training_steps",
+                 "max_grad_norm", "micro_batch_tokens")
+    """Options a resumed run may change (`rlcore.resume`), applied from the resumed step on: the learning rate and
+    its schedule (which define the run's LR curve, like `lr`), clipping and the micro-batch size; the rest (AdamW's
+    betas, eps, weight decay, the dtype) is restored with the optimizer or defines the run."""
+
     lr: float = attrs.field(default=1e-6, validator=check_range(0.0))
     """AdamW peak learning rate (1e-6 suits full fine-tuning of a pretrained LLM)."""
     weight_decay: float = attrs.field(default=0.0, validator=check_range(0.0))
@@ -67,6 +73,8 @@ class OptimizerOptions:
 @attrs.define
 class TrainOptions(OptimizerOptions):
     """The optimizer options plus what the transformers-model trainers (torch, fsdp, lora) add."""
+
+    RESUMABLE = (*OptimizerOptions.RESUMABLE, "gradient_checkpointing", "keep_logits_mib")
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
@@ -176,6 +184,18 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], options: OptimizerOpti
     optimizer = torch.optim.AdamW(trained, lr=options.lr, betas=tuple(options.betas), eps=options.eps,
                                   weight_decay=options.weight_decay, fused=fused or None)
     return optimizer, ScheduledLR(optimizer, schedule_of(options))
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler: make `lr` (this run's `lr` option, which a resume
+    may have changed) the peak learning rate from the current step on, on the schedule of this run's options
+    (`ScheduledLR` keeps this run's). Loading restored the saved run's rate; with unchanged options this sets
+    the same values."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

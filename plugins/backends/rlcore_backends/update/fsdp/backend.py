@@ -36,6 +36,9 @@ class FSDPBackend:
 
     @attrs.define
     class Options(TrainOptions):
+        RESUMABLE = (*TrainOptions.RESUMABLE, "timeout_s")
+        """Options a resumed run may change (`rlcore.resume`); the others define the run."""
+
         world_size: int = attrs.field(default=2, validator=check_range(1))
         """Worker processes to spawn, one per device (under torchrun, its WORLD_SIZE is used instead)."""
         param_dtype: Literal["float32", "bfloat16"] = attrs.field(

@@ -36,7 +36,7 @@ from rlcore_backends.common import micro_batches
 from rlcore_backends.common.logprobs import response_logits
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
 from rlcore_backends.common.dtypes import DTYPES
-from rlcore_backends.common.train_options import autocast, build_optimizer, enable_gradient_checkpointing
+from rlcore_backends.common.train_options import apply_lr, autocast, build_optimizer, enable_gradient_checkpointing
 
 DCP_DIR = "dcp"
 """The sharded model and optimizer state inside a checkpoint (torch.distributed.checkpoint format)."""
@@ -202,6 +202,7 @@ class FSDPWorker:
         if "optim" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.load_state_dict(trainer["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.options.lr)
         return self.steps
 
     def close(self) -> None:

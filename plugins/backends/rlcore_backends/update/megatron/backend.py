@@ -37,6 +37,9 @@ class MegatronBackend:
 
     @attrs.define
     class Options(OptimizerOptions):
+        RESUMABLE = (*OptimizerOptions.RESUMABLE, "micro_batch_size", "recompute", "worker_timeout")
+        """Options a resumed run may change (`rlcore.resume`); the others define the run."""
+
         tp: int = attrs.field(default=1, validator=check_range(1))
         """Tensor-parallel size: each layer's weights and the vocabulary split over this many devices."""
         pp: int = attrs.field(default=1, validator=check_range(1))

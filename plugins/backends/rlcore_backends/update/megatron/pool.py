@@ -10,6 +10,7 @@ and any failure stops every worker (the others would wait forever in a collectiv
 from __future__ import annotations
 
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -32,7 +33,9 @@ def free_address() -> str:
 
 def serve(rank: int, make_worker: Callable[[int], Any], commands: Any, answers: Any,
           init: Callable[[], None] | None) -> None:
-    """A worker process: build the rank's worker, run commands until told to stop (None), then `close` it."""
+    """A worker process: build the rank's worker, run commands until told to stop (None), then `close` it.
+    Ctrl-C is left to the driver, which finishes its step and checkpoints before closing the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if init is not None:
             init()

@@ -32,7 +32,7 @@ from rlcore_backends.update.megatron.inputs import MicroInputs, pack
 from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs
 from rlcore_backends.update.megatron.model import (build_gpt, freeze_padding_embedding, load_shard, shard_of,
                                             transformer_config)
-from rlcore_backends.common.train_options import ScheduledLR, schedule_of
+from rlcore_backends.common.train_options import ScheduledLR, apply_lr, schedule_of
 
 
 @attrs.frozen
@@ -137,6 +137,7 @@ class Worker:
         load_shard(self.model, state["model"], self.opts.transformer_engine)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.opts.lr)
         self.steps = state["steps"]
 
     def close(self) -> None:

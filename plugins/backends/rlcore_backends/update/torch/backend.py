@@ -24,7 +24,7 @@ from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
-from rlcore_backends.common.train_options import (TrainOptions, autocast, build_optimizer,
+from rlcore_backends.common.train_options import (TrainOptions, apply_lr, autocast, build_optimizer,
                                                    enable_gradient_checkpointing, with_run_length)
 from rlcore_backends.common.weights import load_saved_weights
 
@@ -130,6 +130,7 @@ class TorchBackend:
         state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_lr(self.optimizer, self.scheduler, self.options.lr)
         self.steps = state["steps"]
 
     # ---- one optimizer step -----------------------------------------------------------------------
