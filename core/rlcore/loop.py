@@ -18,7 +18,7 @@ import attrs
 import torch
 import yaml
 
-from rlcore import models
+from rlcore import models, preflight
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
@@ -117,6 +117,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.checkpoints.latest() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
+        preflight.check_run(self.cfg, models.read_config(ctx.model.path))
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
