@@ -10,14 +10,12 @@ tool loop keeps each sample's images, the trainer's logprobs follow vLLM's (text
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, ToolResult, UpdatePlan
+from rlcore import Prompt, SamplingParams, UpdatePlan
 from rlcore.context import RunContext
 from rlcore.models import build_tiny_vl_model
 from rlcore.testing import make_context
@@ -26,6 +24,7 @@ from rlcore_backends.update.torch.backend import TorchBackend
 
 from policy_losses import TokenMeanPG
 from torchvision_env import enable
+from vision_prompts import Echo, diagram_prompts
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install 'rlcore-backends[vllm]')")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -35,7 +34,6 @@ if missing:
 
 from rlcore_backends.rollout.vllm.rollout import VLLMRollout  # noqa: E402
 
-GEO = Path(__file__).resolve().parents[2] / "examples" / "data" / "geo3k"
 TEXT_ATOL = 1e-4
 """Where the trainer and vLLM must agree: a text-only forward of the same weights (fp32)."""
 IMAGE_ATOL = 0.1
@@ -64,20 +62,6 @@ def trainer(ctx: RunContext) -> TorchBackend:
     backend = TorchBackend(TorchBackend.Options(lr=1e-2))
     backend.setup(ctx=ctx)
     return backend
-
-
-def diagram_prompts(count: int = 3) -> list[Prompt]:
-    """Real problems with their diagrams (different sizes, so the prompts differ in length)."""
-    from PIL import Image
-
-    rows = [json.loads(line) for line in (GEO / "train.jsonl").read_text().splitlines()][:count]
-    return [Prompt(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["problem_text"]}]}],
-                   answer=r["answer_value"], id=str(r["id"]), images=[Image.open(GEO / r["image"]).convert("RGB")])
-            for r in rows]
-
-
-def text_tokens(batch: RolloutBatch, i: int) -> int:
-    return int(batch.attention_mask[i].sum())
 
 
 def test_images_reach_vllm_and_the_batch_keeps_the_trainers_inputs(rollout: VLLMRollout, ctx: RunContext) -> None:
@@ -127,15 +111,6 @@ def test_weight_sync_reaches_the_vision_tower(rollout: VLLMRollout, trainer: Tor
     assert not torch.equal(before.rollout_logprobs, after.rollout_logprobs)
     mask = after.attention_mask.bool()
     assert (trainer.logprobs(batch=after, reference=False) - after.rollout_logprobs)[mask].abs().max() < IMAGE_ATOL
-
-
-class Echo(Tool):
-    name = "echo"
-    description = "Repeat the text."
-    parameters = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-
-    def execute(self, instance, arguments):  # noqa: ANN001, ANN201
-        return ToolResult(f"echo: {arguments['text']}")
 
 
 def test_multi_turn_with_images(rollout: VLLMRollout) -> None:

@@ -143,6 +143,16 @@ def fit_images(processor: Any, images: Sequence[Any]) -> list[Any]:
     return fitted
 
 
+def png_data_url(image: Any) -> str:
+    """A PIL image as a PNG data URL (lossless, so a server decodes exactly these pixels)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def trainer_inputs(inputs: dict[str, Any]) -> dict[str, Tensor]:
     """A sample's vision inputs without the engine's copy of its images (what `RolloutBatch.multimodal` keeps)."""
     return {k: v for k, v in inputs.items() if k != ENGINE_IMAGES}

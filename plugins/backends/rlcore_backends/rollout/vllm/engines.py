@@ -10,7 +10,6 @@ offline as `multi_modal_data`, to a server through `/inference/v1/generate` (`--
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from rlcore import SamplingParams
 from rlcore.errors import RLCoreError
-from rlcore_backends.common.vision import ENGINE_IMAGES
+from rlcore_backends.common.vision import ENGINE_IMAGES, png_data_url
 from rlcore_backends.rollout.engine import Completion
 from rlcore_backends.rollout.vllm.worker import safetensors_bytes, shared_weights
 
@@ -56,13 +55,6 @@ def finish(reason: str | None, stop_reason: int | str | None) -> str:
     if reason == "stop":
         return "stop" if isinstance(stop_reason, str) else "eos"
     raise RLCoreError(f"vLLM ended a request with finish_reason={reason!r} (aborted or failed); see its log")
-
-
-def data_url(image: Any) -> str:
-    """A PIL image as a PNG data URL (lossless, so the server decodes exactly these pixels)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def row_seeds(seed: int | None, rows: int) -> list[int | None]:
@@ -273,7 +265,7 @@ class ServerEngine:
 
     def _generate_with_images(self, prompt: list[int], fields: dict[str, Any], images: list[Any]) -> Completion:
         body = {"model": self.model, "token_ids": prompt, "sampling_params": fields,
-                "content_parts": [{"type": "image_url", "url": data_url(image)} for image in images]}
+                "content_parts": [{"type": "image_url", "url": png_data_url(image)} for image in images]}
         try:
             choice = self._request("POST", "/inference/v1/generate", body)["choices"][0]
         except RLCoreError as e:
