@@ -83,3 +83,12 @@ def test_model_configs_are_read_without_building(tmp_path: Path) -> None:
         assert saved.model_type == in_memory.model_type
     assert read_config(EMBEDDED_VL).vision_config is not None
     assert read_config(str(tmp_path / "nothing-here")) is None
+
+
+def test_backends_and_rollouts_refuse_what_they_cannot_do() -> None:
+    """Plugins' own checks: megatron's sizes (read from the model's config), vLLM adapters on a VL model."""
+    sizes = invoke("run", "--dry-run", "--backend", "megatron", "--hardware", "cuda", "--set", "backend.tp=4")
+    assert sizes.exit_code == 2 and "backend.tp=4 must divide the model's num_attention_heads (2)" in sizes.output
+    adapters = invoke("run", "--dry-run", "--rollout", "vllm", "--backend", "lora", "--set", "backend.sync=adapter",
+                      "--task", "colors", "--model", EMBEDDED_VL)
+    assert adapters.exit_code == 2 and "vLLM applies LoRA adapters to the language model only" in adapters.output

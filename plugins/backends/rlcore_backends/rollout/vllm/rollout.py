@@ -114,6 +114,15 @@ class VLLMRollout:
         self.processor: Any = None
 
     @hookimpl
+    def check_run(self, config: dict[str, Any], model_config: Any) -> list[str]:
+        """Refuse adapter sync for a vision-language model: vLLM applies LoRA to its language model only, while
+        the lora backend's `all-linear` adapters cover the vision tower too."""
+        if adapter_sync_rank(config) and getattr(model_config, "vision_config", None) is not None:
+            return ["rollout vllm: backend.sync=adapter on a vision-language model: vLLM applies LoRA adapters to "
+                    "the language model only, so the vision tower's adapters would be lost; use backend.sync=merged"]
+        return []
+
+    @hookimpl
     def setup(self, ctx: RunContext) -> None:
         """Start (or connect to) the engine on the hardware's device with the run's model and seed."""
         o = self.options

@@ -27,6 +27,7 @@ from rlcore.errors import ConfigError, RLCoreError
 from rlcore_backends.common.train_options import OptimizerOptions
 from rlcore_backends.update.megatron import checkpoint as ckpt
 from rlcore_backends.update.megatron.convert import Layout, hf_from_shards
+from rlcore_backends.update.megatron.converter import hf_to_native
 from rlcore_backends.update.megatron.model import check_attention, check_installed, rope_settings
 from rlcore_backends.update.megatron.pool import WorkerPool, free_address
 from rlcore_backends.update.megatron.worker import Worker, WorkerSpec
@@ -150,7 +151,8 @@ class MegatronBackend:
 
     @hookimpl
     def save_state(self, directory: Path) -> None:
-        """A Megatron checkpoint (see `checkpoint`): per-rank weights, optimizer and scheduler."""
+        """A Megatron-LM checkpoint (`dist_checkpointing`, see `checkpoint`) plus each rank's optimizer and
+        scheduler state."""
         directory = Path(directory)
         self.pool.run(Worker.save, directory)
         ckpt.write_hf_files(self.model_dir, directory / ckpt.HF_DIR, self.tokenizer)
@@ -176,7 +178,7 @@ class MegatronBackend:
         """`to="native"`: a Hugging Face directory (or hub id) -> a Megatron checkpoint at this backend's
         tp x pp; `to="hf"`: a Megatron checkpoint -> a transformers model directory."""
         if to == "native":
-            return ckpt.hf_to_native(ckpt.model_dir(str(source)), Path(out), self.options.tp, self.options.pp)
+            return hf_to_native(ckpt.model_dir(str(source)), Path(out), self.options.tp, self.options.pp)
         if to == "hf":
             return ckpt.native_to_hf(Path(source), Path(out))
         raise ConfigError(f"convert: to={to!r} is not supported by backend megatron; use 'native' or 'hf'")
