@@ -10,11 +10,10 @@ step: this is the image path's learning check (`rlcore run --task colors --model
 
 from __future__ import annotations
 
-import operator
 import random
 import re
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any
 
 import attrs
 
@@ -22,6 +21,7 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
+from rlcore_tasks import procedural
 from rlcore_tasks.images import needs_vision_model
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
@@ -38,27 +38,10 @@ def _colors(value: list[str]) -> list[str]:
     return list(value)
 
 
-class Problems(Sequence[Prompt]):
+class Problems(procedural.Problems):
     """A lazy split: problem i (its image drawn on access) from a generator seeded by (seed, split, i)."""
 
-    def __init__(self, options: Colors.Options, split: str, size: int) -> None:
-        self.options, self.split, self.size = options, split, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    @overload
-    def __getitem__(self, index: int) -> Prompt: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Prompt]: ...
-    def __getitem__(self, index: int | slice) -> Prompt | list[Prompt]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.size))]
-        i = operator.index(index)
-        i = i + self.size if i < 0 else i
-        if not 0 <= i < self.size:
-            raise IndexError(f"colors {self.split} index {index} out of range for {self.size} problems")
-        return self.make(i)
+    task = "colors"
 
     def make(self, i: int) -> Prompt:
         from PIL import Image, ImageDraw
