@@ -99,18 +99,26 @@ def test_logprobs_follow_the_trainer(rollout: VLLMRollout, trainer: TorchBackend
     assert diff.max() < IMAGE_ATOL, f"vLLM vs trainer with images: max {diff.max():.4f}, mean {diff.mean():.4f}"
 
 
-def test_weight_sync_reaches_the_vision_tower(rollout: VLLMRollout, trainer: TorchBackend) -> None:
+def test_weight_sync_reaches_the_vision_tower_and_the_tied_head(rollout: VLLMRollout, trainer: TorchBackend) -> None:
+    """After updates and syncs, text prompts agree with the trainer exactly again (the tied `lm_head`, which a
+    vision-language model keeps in its language model, is repacked) and image prompts within IMAGE_ATOL."""
     prompts = diagram_prompts()
     greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
     before = rollout.sample(prompts=prompts, params=greedy, tools=[])
-    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=6), tools=[])
-    batch.advantages = torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(0)) * batch.response_mask
-    trainer.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
-    rollout.sync_weights(weights=trainer.policy_weights())
+    for step in range(3):
+        batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=6 + step), tools=[])
+        batch.advantages = torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(step))
+        batch.advantages *= batch.response_mask
+        trainer.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
+        rollout.sync_weights(weights=trainer.policy_weights())
     after = rollout.sample(prompts=prompts, params=greedy, tools=[])
     assert not torch.equal(before.rollout_logprobs, after.rollout_logprobs)
     mask = after.attention_mask.bool()
     assert (trainer.logprobs(batch=after, reference=False) - after.rollout_logprobs)[mask].abs().max() < IMAGE_ATOL
+    text = rollout.sample(prompts=[Prompt(messages=[{"role": "user", "content": "What is the area?"}])],
+                          params=SamplingParams(n=3, max_new_tokens=10, seed=9), tools=[])
+    mask = text.attention_mask.bool()
+    assert (trainer.logprobs(batch=text, reference=False) - text.rollout_logprobs)[mask].abs().max() < TEXT_ATOL
 
 
 def test_multi_turn_with_images(rollout: VLLMRollout) -> None:

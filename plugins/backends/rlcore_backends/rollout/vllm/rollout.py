@@ -9,6 +9,7 @@ trainer's full weights into the running engine in memory (no files), or a LoRA a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -115,12 +116,20 @@ class VLLMRollout:
 
     @hookimpl
     def check_run(self, config: dict[str, Any], model_config: Any) -> list[str]:
-        """Refuse adapter sync for a vision-language model: vLLM applies LoRA to its language model only, while
-        the lora backend's `all-linear` adapters cover the vision tower too."""
-        if adapter_sync_rank(config) and getattr(model_config, "vision_config", None) is not None:
-            return ["rollout vllm: backend.sync=adapter on a vision-language model: vLLM applies LoRA adapters to "
-                    "the language model only, so the vision tower's adapters would be lost; use backend.sync=merged"]
-        return []
+        """For a vision-language model: refuse adapter sync (vLLM applies LoRA to its language model only, while
+        the lora backend's `all-linear` adapters cover the vision tower too), and a missing torchvision."""
+        if getattr(model_config, "vision_config", None) is None:
+            return []
+        problems = []
+        if adapter_sync_rank(config):
+            problems.append("rollout vllm: backend.sync=adapter on a vision-language model: vLLM applies LoRA "
+                            "adapters to the language model only, so the vision tower's adapters would be lost; use "
+                            "backend.sync=merged")
+        if importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("torchvision") is None:
+            problems.append("rollout vllm: vLLM's Qwen2-VL / Qwen2.5-VL code imports torchvision, which is not "
+                            "installed: pip install torchvision (on a CPU machine the CPU build, from "
+                            "https://download.pytorch.org/whl/cpu), or use --rollout hf")
+        return problems
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
