@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 from rich.progress import Progress
 
 from rlcore.plugins import Registry
-from rlcore.types import Prompt, SamplingParams
+from rlcore.types import Prompt, RolloutBatch, SamplingParams, Scores
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,8 +42,10 @@ def is_correct(info: dict[str, float], reward: float) -> bool:
 
 
 def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingParams, ks: Sequence[int],
-             chunk: int = 32, progress: bool = False) -> EvalResult:
-    """Sample `params.n` responses for each prompt, score them, and compute pass@k for every k in `ks`."""
+             chunk: int = 32, progress: bool = False,
+             on_batch: Callable[[RolloutBatch, Scores], None] | None = None) -> EvalResult:
+    """Sample `params.n` responses for each prompt, score them, and compute pass@k for every k in `ks`;
+    `on_batch` sees every scored batch (the loop logs a generation table from it)."""
     tools = [tool for tools in registry.hook.tools() for tool in (tools or [])]
     started = time.perf_counter()
     correct: list[int] = []
@@ -58,6 +60,8 @@ def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingPara
             part = list(prompts[i:i + chunk])
             batch = registry.require("rollout", "sample", prompts=part, params=params, tools=tools)
             scores = registry.require("task", "score", batch=batch)
+            if on_batch is not None:
+                on_batch(batch, scores)
             infos = scores.info or [{} for _ in range(len(batch))]
             per_problem = [0] * len(part)
             for g, info, r in zip(batch.group_ids.tolist(), infos, scores.rewards.tolist()):

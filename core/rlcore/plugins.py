@@ -2,10 +2,11 @@
 
 Plugins are found through entry points, one group per kind (`rlcore.algo`, `rlcore.backend`,
 `rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, `rlcore.placement` — where the other plugins run:
-in this process, or as Ray actors — and `rlcore.extra` for cross-cutting plugins such as experiment
-trackers that are always active). An entry point names a class; the run instantiates it
-with its typed options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing
-is imported until selected, so a broken plugin breaks only the runs that select it.
+in this process, or as Ray actors —, `rlcore.tracker` for experiment trackers, any number of which a
+run selects with `trainer.log_to`, and `rlcore.extra` for cross-cutting plugins that every run activates
+just by being installed). An entry point names a class; the run instantiates it with its typed options
+(`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing is imported until
+selected, so a broken plugin breaks only the runs that select it.
 
 `RLCORE_DISABLE_PLUGINS="gmpo,task:foo"` hides plugins by name or kind:name.
 """
@@ -25,9 +26,12 @@ from rlcore import hookspecs
 from rlcore.config import build_options
 from rlcore.errors import PluginError
 
-KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra")
+KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
+MANY_KINDS = ("tracker", "extra")
+"""Kinds with any number of plugins per run (trackers as `trainer.log_to` selects, every enabled extra),
+registered under `kind:name` after the selected ones."""
 GROUP = "rlcore.{kind}"
 DISABLE_ENV = "RLCORE_DISABLE_PLUGINS"
 
@@ -76,10 +80,10 @@ def load(kind: str, name: str) -> type:
     """Import the plugin class `name` of `kind`, with an error that lists what is installed."""
     eps = entry_points(kind)
     names = available(kind)
-    flag = "--algo" if kind == "algo" else f"--{kind}"
+    choose = {"tracker": "List them in --set trainer.log_to=[NAME,...]"}.get(kind, f"Choose one with --{kind} NAME")
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
-                          f"{', '.join(names) or '(none)'}. Choose one with {flag} NAME, "
+                          f"{', '.join(names) or '(none)'}. {choose}, "
                           f"or pip install the package that provides {name!r}.")
     if is_disabled(kind, name):
         raise PluginError(f"{kind} plugin {name!r} is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}; "
@@ -123,12 +127,16 @@ def options_class(cls: type) -> type:
 
 def instantiate(cls: type, options: dict[str, Any] | None, section: str) -> Any:
     """Build a plugin instance from its class and raw option values."""
-    opts = build_options(options_class(cls), options, section)
-    return cls(opts) if getattr(cls, "Options", None) is not None else cls()
+    return construct(cls, build_options(options_class(cls), options, section))
+
+
+def construct(cls: type, options: Any) -> Any:
+    """A plugin instance from its class and its typed options (ignored by a plugin without `Options`)."""
+    return cls(options) if getattr(cls, "Options", None) is not None else cls()
 
 
 class Registry:
-    """The run's plugin manager: one instance per selected kind plus the extras, behind typed access.
+    """The run's plugin manager: one instance per selected kind plus the trackers and extras, behind typed access.
 
     `registry.hook.<name>(...)` broadcasts as pluggy does; `registry.call(kind, name, ...)` calls one
     plugin's implementation alone (used for per-plugin checkpoint state).
@@ -149,7 +157,7 @@ class Registry:
 
     def register(self, kind: str, name: str, plugin: Any) -> None:
         """Add a plugin instance under `kind`; hook names are checked against the contract."""
-        key = kind if kind != "extra" else f"extra:{name}"
+        key = f"{kind}:{name}" if kind in MANY_KINDS else kind
         try:
             self.pm.register(plugin, name=key)
             self.pm.check_pending()
@@ -176,7 +184,8 @@ class Registry:
         return result
 
     def keys(self) -> list[str]:
-        """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, extras)."""
+        """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, then
+        trackers and extras in registration order)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}
         return sorted(self.plugins, key=lambda k: order.get(k, len(order)))
 

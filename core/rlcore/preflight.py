@@ -13,17 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 from rlcore.errors import ConfigError
-from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
+from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
 from rlcore.run_config import ResolvedConfig
 
 
 def local_registry(cfg: ResolvedConfig) -> Registry:
-    """The selected plugins and the extras as plain local instances, whatever the placement (nothing set up)."""
+    """The selected plugins, the trackers and the extras as plain local instances, whatever the placement
+    (nothing set up; a tracker whose library is missing refuses here already)."""
     registry = Registry()
     for kind in SELECTED_KINDS:
-        cls = cfg.classes[kind]
-        plugin = cls(cfg.options[kind]) if getattr(cls, "Options", None) is not None else cls()
-        registry.register(kind, cfg.selection[kind], plugin)
+        registry.register(kind, cfg.selection[kind], construct(cfg.classes[kind], cfg.options[kind]))
+    for name, cls in cfg.trackers.items():
+        registry.register("tracker", name, construct(cls, cfg.tracker_options[name]))
     for name, cls in cfg.extras.items():
         registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
     return registry

@@ -83,6 +83,8 @@ MEGATRON_LM_RL = {
     ("algo", "clip_high"): 0.28, ("algo", "kl_coef"): 0.0, ("algo", "loss_agg_mode"): "token-mean",
     ("algo", "dual_clip"): None, ("algo", "overlong_buffer"): 0, ("algo", "dynamic_sampling"): False,
     ("algo", "adv_eps"): 1e-4, ("backend", "lr"): 1e-6, ("backend", "warmup_steps"): 0,
+    ("backend", "lr_scheduler_type"): "linear", ("backend", "min_lr_ratio"): 0.0,
+    ("backend", "total_training_steps"): round(48828125 / 1024),
     ("backend", "weight_decay"): 0.0, ("backend", "betas"): [0.9, 0.95], ("backend", "eps"): 1e-8,
     ("backend", "max_grad_norm"): 1.0, ("backend", "tp"): 8, ("backend", "pp"): 1, ("backend", "dtype"): "bfloat16",
     ("backend", "sequence_parallel"): True, ("backend", "transformer_engine"): True,
@@ -93,6 +95,7 @@ MEGATRON_LM_RL = {
 --grpo-prompts-per-step 64, --grpo-group-size 16, --global-batch-size 1024 (one optimizer step per rollout),
 --grpo-iterations 1, --micro-batch-size 1, --grpo-clamp-eps-lower/upper 0.2/0.28, --grpo-kl-beta 0,
 --calculate-per-token-loss, the advantage's 1e-4 std damping, --lr 1e-6, --lr-warmup-samples 0, --weight-decay 0,
+Megatron-LM's default linear LR decay to --min-lr 0 over --train-samples 48828125 (in steps of 1024 samples),
 --adam-beta1/2 0.9/0.95, --adam-eps 1e-8, --clip-grad 1.0, tp 8, pp 1, --bf16, --sequence-parallel,
 --transformer-impl transformer_engine, temperature 1.0 without top-p, the tagged math answers, --save-interval 20,
 --eval-interval 20, and the README's 300 steps."""

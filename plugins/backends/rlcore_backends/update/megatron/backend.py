@@ -24,7 +24,7 @@ from rlcore import PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
 from rlcore.config import check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
-from rlcore_backends.common.train_options import OptimizerOptions
+from rlcore_backends.common.train_options import OptimizerOptions, with_run_length
 from rlcore_backends.update.megatron import checkpoint as ckpt
 from rlcore_backends.update.megatron.convert import Layout, hf_from_shards
 from rlcore_backends.update.megatron.converter import hf_to_native
@@ -99,7 +99,7 @@ class MegatronBackend:
     def setup(self, ctx: RunContext) -> None:
         """Start tp x pp workers on the hardware plugin's devices; each loads its shard of the policy."""
         check_installed()
-        opts = self.options
+        opts = self.options = with_run_length(self.options, ctx.config)
         if self._option_problems():
             raise ConfigError(f"backend megatron: {self._option_problems()[0]}")
         model_dir = ckpt.model_dir(ctx.model.path)
