@@ -170,8 +170,15 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
     if dry_run:
         import yaml
 
+        from rlcore import preflight
+        from rlcore.models import read_config
+
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
-        click.echo("dry run: plugins resolved and options valid.")
+        model_config = read_config(cfg.trainer.model)
+        preflight.check_run(cfg, model_config)
+        seen = (f"model config {type(model_config).__name__} read" if model_config is not None else
+                f"model config of {cfg.trainer.model!r} not readable here, so the model checks were skipped")
+        click.echo(f"dry run: plugins resolved, options valid, and every plugin accepts this run ({seen}).")
         return
     if run_dir is None:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a timestamped name could differ between ranks

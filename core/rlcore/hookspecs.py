@@ -5,7 +5,8 @@ A run registers exactly one plugin of each kind (algo, backend, rollout, task, h
 answers (not None); the others are *collected* into a list. Implementations may accept a subset of the
 arguments (pluggy passes only those they name), so new arguments can be added without breaking plugins.
 
-One step of the loop, in order:
+Before anything starts (`rlcore run --dry-run` too), every selected plugin may refuse the combination through
+`check_run` (see `rlcore.preflight`). One step of the loop, in order:
     prompts = task.dataset("train")[...]                        (the core batches and shuffles)
     batch   = rollout.sample(prompts, params, tools)
     scores  = task.score(batch)                                  -> batch.rewards
@@ -83,6 +84,27 @@ def log_generations(step: int, split: str, rows: list[dict[str, Any]]) -> None:
 def step_metrics() -> dict[str, float]:
     """Any plugin, collected and merged. Called at the end of every step, before metrics are written:
     numbers the plugin measured during the step (advantage statistics, KL coefficient, cache hits)."""
+
+
+# ---- checks before a run: any plugin ---------------------------------------------------------------
+
+@hookspec
+def modalities() -> list[str]:
+    """Any plugin (usually the task), collected and merged. What this run's prompts carry besides text, e.g.
+    `["image"]` for a task whose prompts have images: the other plugins' `check_run` receives the union and
+    refuses what it cannot take. Called on fresh instances, before `setup`; must not load data."""
+
+
+@hookspec
+def check_run(config: dict[str, Any], model_config: Any, modalities: frozenset[str]) -> list[str] | None:
+    """Any plugin, collected. Refuse a run this plugin cannot do, before anything starts: called by
+    `rlcore run --dry-run` and again at the start of a run (before any `setup`), on fresh instances of the
+    selected plugins (options set, nothing loaded or started; see `rlcore.preflight`). `config` is the
+    resolved config as plain values (what config.yaml holds), `model_config` the model's transformers config
+    (`AutoConfig`: model_type, sizes, `vision_config` for a vision-language model; no weights), or None when
+    it cannot be read here (a hub id without network), `modalities` the union of every plugin's `modalities`.
+    Return one line per problem, naming it and the fix (e.g. "backend megatron: model_type 'qwen2_5_vl' ...;
+    use --backend fsdp"), or nothing. The run stops with them all (exit 2) before any plugin starts."""
 
 
 # ---- placement -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from rlcore import models
+from rlcore import models, preflight
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
@@ -27,8 +27,8 @@ from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate
 from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
-from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.prompt_fit import PromptFit, prompt_fit
+from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
 from rlcore.run_config import ResolvedConfig
 from rlcore.scoring import check_finite
 from rlcore.stopping import GracefulStop
@@ -70,7 +70,7 @@ def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = Fal
     training runs only: `trackers`), then the extras. Trackers and extras run in this process."""
     registry = Registry(trace=trace)
     name = cfg.selection["placement"]
-    registry.register("placement", name, _instance(cfg.classes["placement"], cfg.options["placement"]))
+    registry.register("placement", name, construct(cfg.classes["placement"], cfg.options["placement"]))
     for kind in kinds:
         if kind == "placement":
             continue
@@ -80,14 +80,10 @@ def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = Fal
                           registry.require("placement", "place", kind=kind, name=cfg.selection[kind], cls=cls,
                                            options=options))
     for name, cls in cfg.trackers.items() if trackers else ():
-        registry.register("tracker", name, _instance(cls, cfg.tracker_options[name]))
+        registry.register("tracker", name, construct(cls, cfg.tracker_options[name]))
     for extra, cls in cfg.extras.items():
         registry.register("extra", extra, instantiate(cls, None, f"extra.{extra}"))
     return registry
-
-
-def _instance(cls: type, options: Any) -> Any:
-    return cls(options) if getattr(cls, "Options", None) is not None else cls()
 
 
 def make_context(cfg: ResolvedConfig, registry: Registry, run_dir: Path, resumed: bool = False,
@@ -150,6 +146,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._choose_checkpoint() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
+        preflight.check_run(self.cfg, models.read_config(ctx.model.path))
         fit = prompt_fit(ctx, self.cfg.sampling.max_new_tokens)  # before any worker starts: max_new_tokens fits
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)

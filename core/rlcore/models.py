@@ -47,25 +47,29 @@ def build_tiny_tokenizer(directory: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 2) -> Any:
+    """The embedded default's config: a Qwen2 over the character tokenizer's vocabulary. Two heads of size 32,
+    because vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... only, so `rlcore run --rollout vllm`
+    works on the default too."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(SPECIALS) + len(TINY_CHARS), hidden_size=hidden, intermediate_size=hidden * 4,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+
+
 def build_tiny_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2,
                      heads: int = 2) -> Path:
-    """Build and save the embedded default: a seeded random Qwen2 with the character tokenizer.
-
-    Two heads of size 32, because vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... only, so
-    `rlcore run --rollout vllm` works on the default too."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Build and save the embedded default: a seeded random Qwen2 (`tiny_config`) with the character tokenizer."""
+    from transformers import Qwen2ForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(directory)
-    vocab = len(SPECIALS) + len(TINY_CHARS)
-    config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(tiny_config(hidden, layers, heads))
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 1
     model.save_pretrained(directory)
@@ -87,17 +91,12 @@ expands to one pad per merged image patch); video and vision ids left out."""
 VL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hidden: int = 64, layers: int = 2,
-                        max_pixels: int = 28 * 28 * 16) -> Path:
-    """Build and save a seeded random Qwen2.5-VL (2-layer text model, 2-block vision tower) with its
-    processor, offline: `tokenizer` names a Qwen tokenizer directory (e.g. the real Qwen3 / Qwen2.5 one),
-    else a character-level tokenizer over printable ASCII plus Qwen's chat and vision tokens is written.
-    Images are resized to at most `max_pixels` (16 merged patches, so 16 image tokens, by default)."""
+def tiny_vl_tokenizer(tokenizer: str = "") -> Any:
+    """The embedded VL model's tokenizer: the Qwen tokenizer in directory `tokenizer`, else a character-level one
+    over printable ASCII; either with Qwen's chat and vision tokens, `<|im_end|>` as EOS and the VL chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    directory.mkdir(parents=True, exist_ok=True)
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     else:
@@ -113,30 +112,51 @@ def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hid
         tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else "<pad>"
     tok.eos_token = "<|im_end|>"
     tok.chat_template = VL_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_vl_config(tok: Any, hidden: int = 64, layers: int = 2, heads: int = 2) -> Any:
+    """The embedded Qwen2.5-VL's config for tokenizer `tok`: a text model of `layers` layers and `heads` heads
+    (2 of size 32 by default, a head size vLLM's CPU attention has kernels for), a 2-block vision tower."""
+    from transformers import Qwen2_5_VLConfig
+
     ids = {t: tok.convert_tokens_to_ids(t) for t in VL_TOKENS}
-    try:  # the PIL image processor needs no torchvision (transformers' Qwen2-VL processor does, for videos)
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
-    images = ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=max_pixels)
-    heads = 4
-    config = Qwen2_5_VLConfig(
+    half = hidden // heads // 2  # rotary pairs per head, split over (time, height, width) as Qwen2.5-VL does
+    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=CONTEXT, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3]}),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                            fullatt_block_indexes=[1], window_size=112),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=ids["<|im_end|>"])
+
+
+def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hidden: int = 64, layers: int = 2,
+                        heads: int = 2, max_pixels: int = 28 * 28 * 16) -> Path:
+    """Build and save a seeded random Qwen2.5-VL (see `tiny_vl_config`) with its processor, offline:
+    `tokenizer` names a Qwen tokenizer directory (e.g. the real Qwen3 / Qwen2.5 one), else a character-level
+    tokenizer over printable ASCII plus Qwen's chat and vision tokens is written (`tiny_vl_tokenizer`).
+    Images are resized to at most `max_pixels` (16 merged patches, so 16 image tokens, by default)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = tiny_vl_tokenizer(tokenizer)
+    try:  # the PIL image processor needs no torchvision (transformers' Qwen2-VL processor does, for videos)
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    images = ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=max_pixels)
+    config = tiny_vl_config(tok, hidden, layers, heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
     model.save_pretrained(directory)
     images.save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -250,6 +270,27 @@ def check_model_dir(path: Path) -> None:
         raise ConfigError(f"--model {str(path)!r}: config.json (model_type {model_type!r}) cannot be read by "
                           f"transformers {transformers.__version__} ({_first_line(e)}); upgrade transformers if the "
                           "architecture is newer, or fix config.json") from e
+
+
+def read_config(model: str) -> Any | None:
+    """The transformers config of `--model` without loading weights or building anything (the embedded models'
+    configs are built in memory), or None when it cannot be read here (a hub id without network)."""
+    from transformers import AutoConfig
+
+    if not model:
+        return tiny_config()
+    if model == EMBEDDED_VL:
+        return tiny_vl_config(tiny_vl_tokenizer())
+    p = Path(model).expanduser()
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        if p.is_dir() and not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            return AutoConfig.from_pretrained(p, gguf_file=ggufs[0].name) if len(ggufs) == 1 else None
+        return AutoConfig.from_pretrained(str(p) if p.exists() else model)
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def dequantize_gguf(directory: Path, gguf_file: str, out: Path) -> Path:

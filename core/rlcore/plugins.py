@@ -130,8 +130,12 @@ def options_class(cls: type) -> type:
 
 def instantiate(cls: type, options: dict[str, Any] | None, section: str) -> Any:
     """Build a plugin instance from its class and raw option values."""
-    opts = build_options(options_class(cls), options, section)
-    return cls(opts) if getattr(cls, "Options", None) is not None else cls()
+    return construct(cls, build_options(options_class(cls), options, section))
+
+
+def construct(cls: type, options: Any) -> Any:
+    """A plugin instance from its class and its typed options (ignored by a plugin without `Options`)."""
+    return cls(options) if getattr(cls, "Options", None) is not None else cls()
 
 
 class Registry:

@@ -37,7 +37,8 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "/generate": ({}, {"text": (str, list), "input_ids": list, "sampling_params": (dict, list),
                        "return_logprob": (bool, list), "logprob_start_len": (int, list),
                        "top_logprobs_num": (int, list),
-                       "return_text_in_logprobs": bool, "stream": bool, "rid": (str, list), "lora_path": (str, list)}),
+                       "return_text_in_logprobs": bool, "stream": bool, "rid": (str, list), "lora_path": (str, list),
+                       "image_data": list}),
     "/update_weights_from_tensor": ({"serialized_named_tensors": list},
                                     {"load_format": (str, type(None)), "flush_cache": bool,
                                      "abort_all_requests": bool, "weight_version": (str, type(None))}),
@@ -94,6 +95,13 @@ def _check_generate(body: dict[str, Any]) -> list[str]:
     if ids is not None and not (ids and all(isinstance(r, list) and r and all(isinstance(t, int) for t in r)
                                             for r in ids)):
         problems.append("input_ids must be a non-empty list of non-empty token lists")
+    images = body.get("image_data")
+    if images is not None and ids is not None:
+        if len(images) != len(ids) or not all(isinstance(row, list) for row in images):
+            problems.append("image_data must hold one list of images per prompt")
+        elif not all(isinstance(item, str) and item.startswith("data:image/") or _is_pil(item)
+                     for row in images for item in row):
+            problems.append("image_data items must be images: data URLs (HTTP) or PIL images (Engine)")
     sps = body.get("sampling_params") or {}
     sps = sps if isinstance(sps, list) else [sps]
     if ids is not None and len(sps) > 1 and len(sps) != len(ids):
@@ -106,6 +114,23 @@ def _check_generate(body: dict[str, Any]) -> list[str]:
             elif not isinstance(value, kind):
                 problems.append(f"sampling param {key} has type {type(value).__name__}")
     return problems
+
+
+def _is_pil(item: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(item, Image.Image)
+
+
+def decode_image(item: Any) -> Any:
+    """A PIL image from an `image_data` item: a PIL image, or a base64 data URL (what SGLang's load_image reads)."""
+    import io
+
+    from PIL import Image
+
+    if _is_pil(item):
+        return item
+    return Image.open(io.BytesIO(base64.b64decode(item.split(",", 1)[1]))).convert("RGB")
 
 
 def toy_output(ids: list[int], sp: dict[str, Any], index: int) -> dict[str, Any]:
@@ -130,6 +155,8 @@ class FakeServer:
         self.health = 200
         self.group = group
         self.received: dict[str, float] = {}
+        self.images: list[list[Any]] = []
+        """The images of every /generate row, decoded (one list per row)."""
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -156,6 +183,7 @@ class FakeServer:
             sps = body.get("sampling_params") or {}
             sps = sps if isinstance(sps, list) else [sps] * len(ids)
             outputs = self.outputs or [toy_output(r, sp, i) for i, (r, sp) in enumerate(zip(ids, sps))]
+            self.images += [[decode_image(item) for item in row] for row in body.get("image_data") or [[] for _ in ids]]
             return 200, outputs[:len(ids)]
         if endpoint == "/flush_cache":
             return 200, "Cache flushed.\nPlease check backend logs for more details.\n"
@@ -292,6 +320,8 @@ class FakeEngine:
         self.model = load_model(ModelSpec(kwargs["model_path"], self.tokenizer)).eval().requires_grad_(False)
         self.eos = self.tokenizer.eos_token_id
         self.hf = HFEngine(self.model, self.tokenizer, [self.eos], self.model.device, 64)
+        self.processor: Any = None
+        """A vision-language model's processor, loaded at the first request with images."""
         self.calls: list[tuple[str, Any]] = []
         self.released: set[str] = set()
         self.shut_down = False
@@ -308,11 +338,12 @@ class FakeEngine:
         assert not self.released, f"generate while {self.released} are released"
         self.calls.append(("generate", body))
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        images = kwargs.get("image_data") or [[] for _ in input_ids]
         outputs = []
-        for ids, sp in zip(input_ids, sps):
+        for ids, sp, row_images in zip(input_ids, sps, images):
             params = SamplingParams(n=1, temperature=sp["temperature"], top_p=sp["top_p"],
                                     max_new_tokens=sp["max_new_tokens"], stop=sp.get("stop", []))
-            done = self.hf.generate([ids], params)[0]
+            done = self.hf.generate([ids], params, multimodal=[self._vision(ids, row_images)] if row_images else None)[0]
             text = self.tokenizer.decode(done.token_ids)
             matched = {"eos": self.eos, "length": None,
                        "stop": next((s for s in params.stop if s in text), None)}[done.finish_reason]
@@ -323,6 +354,20 @@ class FakeEngine:
                 "finish_reason": reason,
                 "output_token_logprobs": [(lp, t, None) for lp, t in zip(done.logprobs, done.token_ids)]}})
         return outputs
+
+    def _vision(self, ids: list[int], images: list[Any]) -> dict[str, Any]:
+        """What SGLang's processor makes of a row's images (pixel values, grids), after checking the row has one
+        expanded placeholder run per image, as the image's patch grid sizes it."""
+        from rlcore_backends.common.vision import load_processor
+
+        if self.processor is None:
+            self.processor = load_processor(self.kwargs["model_path"], self.tokenizer)
+        vision = dict(self.processor.image_processor(images=[decode_image(i) for i in images], return_tensors="pt"))
+        config = self.model.config
+        assert ids.count(config.vision_start_token_id) == len(images), "one placeholder run per image"
+        assert ids.count(config.image_token_id) == int(vision["image_grid_thw"].prod(-1).sum()) // 4, \
+            "the placeholders are expanded: one per merged patch"
+        return vision
 
     def update_weights_from_tensor(self, named_tensors: list[tuple[str, Any]], load_format: str | None = None,
                                    flush_cache: bool = True) -> tuple[bool, str]:

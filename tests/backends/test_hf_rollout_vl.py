@@ -158,7 +158,7 @@ def test_checkpoint_round_trip_keeps_the_vision_tower_and_processor(ctx, tmp_pat
 def test_responses_end_before_an_image_placeholder(rollout):
     image = rollout.model.config.image_token_id
     done = [Completion([5, 6, image, 7], [-1.0, -2.0, -3.0, -4.0], "eos"), Completion([5, 6], [-1.0, -2.0], "length")]
-    cut = cut_at_placeholders(rollout.model, done)
+    cut = cut_at_placeholders(rollout.model.config, done)
     assert (cut[0].token_ids, cut[0].logprobs, cut[0].finish_reason) == ([5, 6], [-1.0, -2.0], "stop")
     assert cut[1] == done[1]
 

@@ -153,6 +153,30 @@ def sharded_logprobs(worker: Any, logits: Tensor, tokens: Tensor, weights: Tenso
     return lp.detach(), entropy.detach(), shard.grad
 
 
+def logits_of_a_fresh_model(worker: Any, directory: Path, batch: RolloutBatch) -> tuple[Tensor, Tensor] | None:
+    """A GPTModel built afresh on this rank (random weights), its logits [B, R, V] before and after loading the
+    checkpoint in `directory` with megatron-core's own `dist_checkpointing.load` (tp=1, pp=1 only)."""
+    from megatron.core import dist_checkpointing
+
+    from rlcore_backends.update.megatron.checkpoint import checkpoint_dir
+    from rlcore_backends.update.megatron.model import build_gpt, transformer_config
+
+    config = transformer_config(worker.hf_config, worker.layout, sequence_parallel=False, recompute=False,
+                                bf16_autocast=False, on_cpu=True)
+    model = build_gpt(worker.hf_config, worker.layout, config, transformer_engine=False).eval()
+    inputs = pack(batch)
+
+    def logits() -> Tensor:
+        with torch.no_grad():
+            out = model(inputs.tokens, inputs.position_ids, inputs.attention_mask)[..., :worker.layout.vocab]
+        return out.gather(1, inputs.logit_index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+
+    before = logits()
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint_dir(directory)))
+    model.load_state_dict(state["model"])
+    return before, logits()
+
+
 def kill_rank_1(worker: Any) -> None:
     if torch.distributed.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -278,6 +302,30 @@ def test_save_load_resumes_exactly_and_exports(tp2: MegatronBackend, tmp_path: P
     assert all(torch.equal(exported.state_dict()[name], tensor) for name, tensor in saved.items())
     with pytest.raises(ConfigError, match="saved with tp=2, pp=1; resume with --set backend.tp=2"):
         MegatronBackend(MegatronBackend.Options(tp=1, pp=2)).load_state(directory=tmp_path)
+
+
+def test_checkpoints_load_through_megatron_core_into_a_fresh_model(tp2: MegatronBackend, qwen_ctx: RunContext,
+                                                                  tmp_path: Path) -> None:
+    """save_state writes Megatron-LM's layout in megatron-core's torch_dist format: a model built afresh at
+    another layout (tp=1) and loaded with `dist_checkpointing.load` gives the trained policy's logits."""
+    batch = training_batch()
+    tp2.update(batch=batch, loss=PGWithEntropy(), plan=UpdatePlan())
+    tp2.save_state(directory=tmp_path)
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == str(tp2.steps)
+    iteration = tmp_path / f"iter_{tp2.steps:07d}"
+    assert (iteration / "metadata.json").is_file() and (iteration / ".metadata").is_file()
+    common = torch.load(iteration / "common.pt", weights_only=False)
+    assert (common["checkpoint_version"], common["iteration"]) == (3.0, tp2.steps)
+    assert (common["args"].tensor_model_parallel_size, common["args"].num_layers) == (2, 2)
+    trained = next(x for x in tp2.pool.run(full_logits, batch) if x is not None)
+    fresh = start(qwen_ctx, tp=1)
+    try:
+        before, after = fresh.pool.run(logits_of_a_fresh_model, tmp_path, batch)[0]
+    finally:
+        fresh.teardown()
+    real = batch.attention_mask.bool()
+    assert (before - trained)[real].abs().max() > 1e-2, "a freshly built model has other weights"
+    torch.testing.assert_close(after[real], trained[real], atol=1e-5, rtol=0)
 
 
 def test_a_non_finite_loss_stops_with_the_trainers_message(tp2_started: tuple[MegatronBackend, Path]) -> None:

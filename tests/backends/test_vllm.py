@@ -203,11 +203,12 @@ def test_sync_weights_matches_the_trainer(rollout: VLLMRollout, reference: Any) 
     assert_logprobs_match(reference, after)
 
 
-def test_adapters_and_images_are_refused(rollout: VLLMRollout, prompts: list[Prompt]) -> None:
+def test_adapters_are_refused_and_images_need_a_vision_model(rollout: VLLMRollout, prompts: list[Prompt]) -> None:
+    """Full weights only without LoRA; images on this text model: no image processor (test_vllm_vl.py runs them)."""
     with pytest.raises(RLCoreError, match="full weights only"):
         rollout.sync_weights(weights=Weights(named_tensors=lambda: iter([]), adapter=True))
     prompts[0].images = ["diagram.png"]
-    with pytest.raises(RLCoreError, match="images"):
+    with pytest.raises(RLCoreError, match="no image processor, so it cannot read images"):
         rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[])
 
 

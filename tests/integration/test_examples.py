@@ -1,5 +1,6 @@
-"""examples/: every recipe dry-runs on this CPU (plugins resolve, options valid, parallel sizes fit the devices)
-and is listed in examples/README.md; each family's CPU-sized recipe really runs (slow)."""
+"""examples/: every recipe dry-runs on this CPU (plugins resolve, options valid, parallel sizes fit the devices,
+every plugin's `check_run` accepts it, or refuses it with the reason for the recipes in REFUSED) and is listed in
+examples/README.md; each family's CPU-sized recipe really runs (slow)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ REPLICA_DEVICES = {"hf": lambda o: 1, "vllm": lambda o: 1, "sglang": lambda o: o
 """Devices one engine of each rollout uses: must equal `placement.rollout_devices`."""
 
 
+REFUSED = {"geo3k-multiturn/qwen2.5-vl-3b-megatron-8gpu.yaml": "backend megatron cannot train vision-language models"}
+"""Recipes of a seed system rlcore cannot run yet: `--dry-run` must refuse them with the reason (and still print
+their resolved config, whose sizes are checked like the others')."""
+
+
 def invoke(*args: str) -> Any:
     """`rlcore ARGS` in this process (no interpreter start-up per recipe)."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
@@ -49,7 +55,10 @@ def test_recipe_dry_runs_with_consistent_parallel_sizes(recipe, monkeypatch):
         kind, name = missing[0]
         assert result.exit_code == 2 and f"unknown {kind} plugin {name!r}" in result.output, result.output
         pytest.skip(f"needs the {kind} plugin {name!r}, not installed: the dry run stops with the unknown-plugin error")
-    assert result.exit_code == 0, result.output
+    if recipe in REFUSED:
+        assert result.exit_code == 2 and REFUSED[recipe] in result.output, result.output
+    else:
+        assert result.exit_code == 0 and "every plugin accepts this run" in result.output, result.output
     config = yaml.safe_load(result.stdout.split("dry run:")[0])
     plugins, placement = config["plugins"], config["placement"]
     if plugins["placement"] == "ray":
@@ -66,6 +75,41 @@ def test_recipe_dry_runs_with_consistent_parallel_sizes(recipe, monkeypatch):
     if recipe.split("/")[-1].startswith("cpu"):
         assert plugins["hardware"] == "cpu" and config["trainer"]["model"] in ("", EMBEDDED_VL), \
             "CPU recipes use the embedded model (the embedded vision-language model for image tasks)"
+
+
+MEGATRON_LM_RL = {
+    ("trainer", "prompts_per_step"): 64, ("sampling", "n"): 16, ("trainer", "mini_batches"): 1,
+    ("trainer", "epochs"): 1, ("backend", "micro_batch_size"): 1, ("algo", "clip_low"): 0.2,
+    ("algo", "clip_high"): 0.28, ("algo", "kl_coef"): 0.0, ("algo", "loss_agg_mode"): "token-mean",
+    ("algo", "dual_clip"): None, ("algo", "overlong_buffer"): 0, ("algo", "dynamic_sampling"): False,
+    ("algo", "adv_eps"): 1e-4, ("backend", "lr"): 1e-6, ("backend", "warmup_steps"): 0,
+    ("backend", "lr_scheduler_type"): "linear", ("backend", "min_lr_ratio"): 0.0,
+    ("backend", "total_training_steps"): round(48828125 / 1024),
+    ("backend", "weight_decay"): 0.0, ("backend", "betas"): [0.9, 0.95], ("backend", "eps"): 1e-8,
+    ("backend", "max_grad_norm"): 1.0, ("backend", "tp"): 8, ("backend", "pp"): 1, ("backend", "dtype"): "bfloat16",
+    ("backend", "sequence_parallel"): True, ("backend", "transformer_engine"): True,
+    ("sampling", "temperature"): 1.0, ("sampling", "top_p"): 1.0, ("task", "format"): "tagged",
+    ("trainer", "save_every"): 20, ("trainer", "eval_every"): 20, ("trainer", "steps"): 300,
+}
+"""NVIDIA/Megatron-LM examples/rl (README.md, model_configs/qwen_2p5_32b.sh with environment_configs/dapo.yaml):
+--grpo-prompts-per-step 64, --grpo-group-size 16, --global-batch-size 1024 (one optimizer step per rollout),
+--grpo-iterations 1, --micro-batch-size 1, --grpo-clamp-eps-lower/upper 0.2/0.28, --grpo-kl-beta 0,
+--calculate-per-token-loss, the advantage's 1e-4 std damping, --lr 1e-6, --lr-warmup-samples 0, --weight-decay 0,
+Megatron-LM's default linear LR decay to --min-lr 0 over --train-samples 48828125 (in steps of 1024 samples),
+--adam-beta1/2 0.9/0.95, --adam-eps 1e-8, --clip-grad 1.0, tp 8, pp 1, --bf16, --sequence-parallel,
+--transformer-impl transformer_engine, temperature 1.0 without top-p, the tagged math answers, --save-interval 20,
+--eval-interval 20, and the README's 300 steps."""
+
+
+def test_the_megatron_lm_recipe_has_megatron_lms_values(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = invoke("run", "--config", "examples/megatron-32b/qwen2.5-32b-dapo17k-64gpu.yaml", "--dry-run")
+    config = yaml.safe_load(result.stdout.split("dry run:")[0])
+    got = {key: config[key[0]][key[1]] for key in MEGATRON_LM_RL}
+    assert got == MEGATRON_LM_RL
+    budget = 12000  # Megatron-LM's --seq-length: prompt + response
+    assert budget - 600 < config["sampling"]["max_new_tokens"] < budget
+    assert config["trainer"]["prompts_per_step"] * config["sampling"]["n"] == 1024, "the global batch"
 
 
 def test_every_recipe_has_a_line_in_the_readme():

@@ -242,12 +242,30 @@ def test_reference_answers_that_cannot_be_parsed_stop_loading(tmp_path, caplog):
     assert "row 2: field 'solution': the reference answer" in caplog.text and "left but 0 " in caplog.text
     assert "row 3: field 'answer'" in caplog.text and "it ends in '^'" in caplog.text
     assert "row 4: field 'answer'" in caplog.text and "a '}' closes no '{'" in caplog.text
+def test_tagged_format_is_megatron_lms(tmp_path):
+    """examples/rl's math agent: DAPO's instruction removed from a DAPO-Math row, the problem asked for a tagged
+    answer, reward 1 only when the tagged (or boxed) answer ends the response."""
+    import datasets
+
+    dapo = TEMPLATES["dapo"].format(problem="What is $1+1$?")
+    row = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": dapo}], "ability": "MATH",
+           "reward_model": {"style": "rule", "ground_truth": "2"}, "extra_info": {"index": "a-1"}}
+    datasets.Dataset.from_list([row]).to_parquet(str(tmp_path / "train.parquet"))
+    t = task(train_path=str(tmp_path / "train.parquet"), format="tagged")
+    try:
+        prompt, = t.dataset("train")
+        assert prompt.messages == [{"role": "user", "content": TEMPLATES["tagged"].format(problem="What is $1+1$?")}]
+        responses = ["So <answer> 2 </answer>", "<answer>2</answer> I think", "<answer>3</answer>", "x = \\boxed{2}",
+                     "Answer: 2"]
+        assert scored(t, responses, [prompt] * 5).rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    finally:
+        t.teardown()
 
 
 # ---- options, contract, registration -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("options", "names"), [
-    ({"format": "latex"}, ["format", "'boxed', 'dapo'"]),
+    ({"format": "latex"}, ["format", "'boxed', 'dapo', 'tagged'"]),
     ({"timeout_s": 0}, ["timeout_s", "at least 0.01"]),
     ({"timeout_s": "soon"}, ["task.timeout_s", "float"]),
     ({"bad_rows": "drop"}, ["bad_rows"]),

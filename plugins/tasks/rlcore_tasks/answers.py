@@ -121,3 +121,19 @@ def latex_problem(text: str) -> str | None:
     if re.search(r"(?:[\^_]|(?<!\\)\\)$", body):
         return f"it ends in {body[-1]!r}"
     return None
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def last_tagged(text: str) -> str | None:
+    """Megatron-LM's math answer (examples/rl, `answer_format="tagged"`): the contents of the last
+    `<answer>...</answer>`, counted only when nothing but whitespace follows it (Megatron-LM gives the reward
+    only when an end-of-text token comes right after), else the last `\\boxed{}` under the same rule; None
+    otherwise."""
+    tags = list(ANSWER_TAG.finditer(text))
+    if tags:
+        last = tags[-1]
+        return (last.group(1).strip() or None) if not text[last.end():].strip() else None
+    boxed = last_boxed(text)
+    if boxed is None:
+        return None
+    return boxed if text.rstrip().endswith("}") and last_boxed(text.rstrip()) == boxed else None

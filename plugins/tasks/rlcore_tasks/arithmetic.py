@@ -11,7 +11,7 @@ import operator
 import random
 import re
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any
 
 import attrs
 
@@ -19,6 +19,7 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
+from rlcore_tasks import procedural
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 SPLITS = ("train", "test")
@@ -43,28 +44,10 @@ def extract(text: str, mode: str) -> float | None:
     return parse_number(found[0] if mode == "first" else found[-1])
 
 
-class Problems(Sequence[Prompt]):
+class Problems(procedural.Problems):
     """A lazy split: problem i is generated on access from (seed, split, i), never stored."""
 
-    def __init__(self, options: Arithmetic.Options, split: str, size: int) -> None:
-        self.options, self.split, self.size = options, split, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    @overload
-    def __getitem__(self, index: int) -> Prompt: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Prompt]: ...
-    def __getitem__(self, index: int | slice) -> Prompt | list[Prompt]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.size))]
-        i = operator.index(index)
-        if i < 0:
-            i += self.size
-        if not 0 <= i < self.size:
-            raise IndexError(f"arithmetic {self.split} index {index} out of range for {self.size} problems")
-        return self.make(i)
+    task = "arithmetic"
 
     def make(self, i: int) -> Prompt:
         """Problem i: operands and operator drawn from a generator seeded by (seed, split, i)."""

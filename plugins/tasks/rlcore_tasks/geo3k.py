@@ -31,6 +31,7 @@ from rlcore.scoring import score_each
 from rlcore_tasks.answers import last_boxed, without_tool_responses
 from rlcore_tasks.datafiles import BAD_ROWS, BadRow, field, is_verl_row, load_split, to_prompts, verl_fields
 from rlcore_tasks.equivalence import Checker, CheckTimeout
+from rlcore_tasks.images import needs_vision_model
 from rlcore_tasks.tools import AnswerCheckTool
 
 SPLITS = ("train", "test")
@@ -139,6 +140,16 @@ class Geo3K:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.checker = Checker(options.timeout_s)
+
+    @hookimpl
+    def modalities(self) -> list[str]:
+        """Every prompt carries its diagram."""
+        return ["image"]
+
+    @hookimpl
+    def check_run(self, model_config: Any) -> list[str]:
+        """Refuse a text-only model: it cannot read the diagrams."""
+        return needs_vision_model("geo3k", model_config)
 
     @hookimpl
     def dataset(self, split: str) -> Sequence[Prompt]:

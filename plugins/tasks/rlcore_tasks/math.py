@@ -16,7 +16,7 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
-from rlcore_tasks.answers import answer_line, last_boxed, latex_problem
+from rlcore_tasks.answers import answer_line, last_boxed, last_tagged, latex_problem
 from rlcore_tasks.datafiles import BAD_ROWS, BadRow, field, is_verl_row, load_split, to_prompts, verl_fields
 from rlcore_tasks.equivalence import Checker, CheckTimeout
 
@@ -26,9 +26,16 @@ TEMPLATES = {
     "dapo": ("Solve the following math problem step by step. The last line of your response should be of the "
              "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
              'Remember to put your answer on its own line after "Answer:".'),
+    "tagged": ("{problem}\nPlease reason step by step and provide your answer between <answer> </answer> tags, for "
+               "example <answer> 20\\sqrt{{3}} </answer>. Do not include an = sign."),
 }
-"""verl's MATH instruction and DAPO-Math-17k's prompt."""
-EXTRACT = {"boxed": last_boxed, "dapo": answer_line}
+"""verl's MATH instruction, DAPO-Math-17k's prompt, and Megatron-LM's (examples/rl, `MathAgent` with
+`answer_format="tagged"`)."""
+EXTRACT = {"boxed": last_boxed, "dapo": answer_line, "tagged": last_tagged}
+DAPO_INSTRUCTIONS = ("Solve the following math problem step by step. The last line of your response should be of the "
+                     "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
+                     '\n\nRemember to put your answer on its own line after "Answer:".')
+"""What Megatron-LM's DAPO agent removes from DAPO-Math-17k's prompts before asking for a tagged answer."""
 USED_FIELDS = ("problem", "question", "answer")
 
 
@@ -47,8 +54,10 @@ class Math:
         test_path: str = ""
         """The same for the test split (e.g. MATH-500's or AIME 2024's test.jsonl)."""
         format: str = attrs.field(default="boxed", validator=check_choice(*TEMPLATES))
-        """How the model is asked to answer and how the answer is read: the last `\\boxed{}` (`boxed`) or
-        DAPO's last `Answer: X` line (`dapo`)."""
+        """How the model is asked to answer and how the answer is read: the last `\\boxed{}` (`boxed`), DAPO's
+        last `Answer: X` line (`dapo`), or Megatron-LM's `<answer> </answer>` tags ending the response
+        (`tagged`; verl rows such as DAPO-Math-17k's lose DAPO's instruction first, as Megatron-LM's DAPO agent
+        does)."""
         timeout_s: float = attrs.field(default=5.0, validator=check_range(0.01))
         """Seconds math-verify may spend on one answer; a check that takes longer scores 0 (`timeout`)."""
         bad_rows: str = attrs.field(default="error", validator=check_choice(*BAD_ROWS))
@@ -74,6 +83,11 @@ class Math:
         if is_verl_row(row):
             messages, truth, rest = verl_fields(row)
             _check_reference(truth, "reward_model.ground_truth")
+            if self.options.format == "tagged":  # Megatron-LM: the problem alone, then its own instruction
+                problem = messages[-1]["content"]
+                for instruction in DAPO_INSTRUCTIONS:
+                    problem = problem.replace(instruction, "")
+                messages = [*messages[:-1], {"role": "user", "content": TEMPLATES["tagged"].format(problem=problem)}]
             return Prompt(messages=messages, answer=truth, id=prompt_id, meta={"index": index, **rest})
         problem = row.get("problem") or row.get("question")
         if not problem:

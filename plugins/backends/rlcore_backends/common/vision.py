@@ -12,6 +12,7 @@ grids, the attention mask (left and right padding skipped) and `mm_token_type_id
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,14 @@ from torch import Tensor
 from rlcore import Prompt
 from rlcore.errors import RLCoreError
 
+log = logging.getLogger("rlcore")
+
 VISION_KEYS = ("pixel_values", "image_grid_thw")
 """The processor outputs kept per sample and passed to the model."""
+ENGINE_IMAGES = "images"
+"""Key of the images themselves (PIL, already at the processor's size) in the inputs `render_with_images(...,
+for_engine=True)` returns: for engines that process images on their own (vLLM, SGLang); the trainer's forward
+passes never see them (`trainer_inputs`)."""
 
 
 class ImageTextProcessor:
@@ -52,15 +59,17 @@ class ImageTextProcessor:
 
 def load_processor(path: str, tokenizer: Any) -> Any:
     """The model directory's `AutoProcessor`, or an `ImageTextProcessor` over its image processor and
-    `tokenizer` when the full processor cannot be loaded here."""
+    `tokenizer` when the full processor cannot be loaded here; that fallback is logged (a warning naming why),
+    never silent."""
     from transformers import AutoImageProcessor, AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(path)
         if getattr(processor, "image_processor", None) is not None:
             return processor
-    except (ImportError, OSError, ValueError, TypeError, AttributeError):
-        pass  # no full processor here: build one from the image processor and the tokenizer
+        reason = f"its AutoProcessor is a {type(processor).__name__} without an image processor"
+    except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
+        reason = f"transformers' AutoProcessor cannot be built here ({type(e).__name__}: {str(e)[:200]})"
     try:
         images = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -72,6 +81,9 @@ def load_processor(path: str, tokenizer: Any) -> Any:
         if template is None and file.exists():
             text = file.read_text()
             template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+    log.warning("model %s: %s; using rlcore's ImageTextProcessor, built from its image processor (%s) and "
+                "tokenizer, which renders the same token ids and pixel values for Qwen2-VL-style models (install "
+                "torchvision for transformers' own processor)", path, reason, type(images).__name__)
     return ImageTextProcessor(images, tokenizer, template)
 
 
@@ -90,10 +102,12 @@ def open_image(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def render_with_images(processor: Any, prompt: Prompt,
-                       tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], dict[str, Tensor]]:
+def render_with_images(processor: Any, prompt: Prompt, tools: Sequence[dict[str, Any]] | None = None,
+                       for_engine: bool = False) -> tuple[list[int], dict[str, Any]]:
     """A prompt's token ids (each image expanded to its patch tokens, `tools` offered by the chat template)
-    and its vision inputs."""
+    and its vision inputs. `for_engine`: each image is first resized to the size the processor gives it
+    (`fit_images`), and the resized images are kept under `ENGINE_IMAGES` for an engine that runs its own image
+    processor: it then leaves them as they are and computes the pixel values the trainer gets."""
     kwargs = {"tools": list(tools)} if tools else {}
     text = processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False, **kwargs)
     images = [open_image(i) for i in prompt.images or []]
@@ -102,8 +116,46 @@ def render_with_images(processor: Any, prompt: Prompt,
         raise RLCoreError(f"prompt {prompt.id!r} has {len(images)} images but its chat messages render "
                           f"{text.count(image_token)} image placeholders: give one {{'type': 'image'}} content "
                           "entry per image")
+    if for_engine:
+        images = fit_images(processor, images)
     out = processor(text=[text], images=images, return_tensors="pt")
-    return out["input_ids"][0].tolist(), {k: out[k] for k in VISION_KEYS if k in out}
+    inputs: dict[str, Any] = {k: out[k] for k in VISION_KEYS if k in out}
+    if for_engine:
+        inputs[ENGINE_IMAGES] = images
+    return out["input_ids"][0].tolist(), inputs
+
+
+def fit_images(processor: Any, images: Sequence[Any]) -> list[Any]:
+    """Each image resized (with the processor's resampling filter) to the size the processor would give it: a
+    multiple of its patch size within its pixel budget (read from the patch grid it computes), so any Qwen2-VL
+    image processor, PIL or torchvision, keeps it as it is."""
+    from PIL import Image
+
+    if not images:
+        return []
+    grids = processor.image_processor(images=list(images), return_tensors="pt")["image_grid_thw"]
+    patch = processor.image_processor.patch_size
+    fitted = []
+    for image, (_, h, w) in zip(images, grids.tolist()):
+        size = (int(w) * patch, int(h) * patch)
+        resample = getattr(processor.image_processor, "resample", Image.Resampling.BICUBIC)
+        fitted.append(image if image.size == size else image.resize(size, resample))
+    return fitted
+
+
+def png_data_url(image: Any) -> str:
+    """A PIL image as a PNG data URL (lossless, so a server decodes exactly these pixels)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def trainer_inputs(inputs: dict[str, Any]) -> dict[str, Tensor]:
+    """A sample's vision inputs without the engine's copy of its images (what `RolloutBatch.multimodal` keeps)."""
+    return {k: v for k, v in inputs.items() if k != ENGINE_IMAGES}
 
 
 def vision_inputs(model: Any, ids: Tensor, multimodal: Sequence[dict[str, Tensor]] | None) -> dict[str, Tensor]:
@@ -125,14 +177,25 @@ def vision_inputs(model: Any, ids: Tensor, multimodal: Sequence[dict[str, Tensor
 
 
 
-def cut_at_placeholders(model: Any, completions: list[Any]) -> list[Any]:
-    """Completions ended (finish reason "stop") before their first image or video placeholder token: such a
-    token has no image features, so no forward pass could take it as input. A trained model never writes
-    one; a random one can. The kept tokens' logprobs are unchanged, so trainer and rollout still agree."""
-    config = model.config
+def cut_at_placeholders(config: Any, completions: list[Any]) -> list[Any]:
+    """Completions ended (finish reason "stop") before their first image or video placeholder token (ids from
+    the model's `config`): such a token has no image features, so no forward pass could take it as input. A
+    trained model never writes one; a random one can. The kept tokens' logprobs are unchanged, so trainer and
+    rollout still agree."""
     banned = {t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None}
     out = []
     for c in completions:
         cut = next((i for i, t in enumerate(c.token_ids) if t in banned), None)
         out.append(c if cut is None else type(c)(c.token_ids[:cut], c.logprobs[:cut], "stop"))
     return out
+
+
+class ImageEngine:
+    """An `Engine` that takes images (`multimodal=`, from `render_with_images(..., for_engine=True)`) whose
+    completions end before any image placeholder token they sample (`cut_at_placeholders`)."""
+
+    def __init__(self, engine: Any, config: Any) -> None:
+        self.engine, self.config = engine, config
+
+    def generate(self, prompts: list[list[int]], params: Any, multimodal: list[dict[str, Any]] | None = None) -> list[Any]:
+        return cut_at_placeholders(self.config, self.engine.generate(prompts, params, multimodal=multimodal))

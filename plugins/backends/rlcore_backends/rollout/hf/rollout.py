@@ -51,7 +51,7 @@ class HFEngine:
         out = [c for i in range(0, len(prompts), self.max_rows)
                for c in self._generate(prompts[i:i + self.max_rows], params,
                                        multimodal[i:i + self.max_rows] if multimodal else None)]
-        return cut_at_placeholders(self.model, out) if multimodal else out
+        return cut_at_placeholders(self.model.config, out) if multimodal else out
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams,
                   multimodal: list[dict[str, Tensor]] | None = None) -> list[Completion]:

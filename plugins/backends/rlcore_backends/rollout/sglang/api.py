@@ -45,10 +45,14 @@ def sampling_params(params: SamplingParams, seed: int | None = None) -> dict[str
     return out
 
 
-def generate_request(prompts: list[list[int]], params: SamplingParams) -> dict[str, Any]:
+def generate_request(prompts: list[list[int]], params: SamplingParams,
+                     image_data: list[list[Any]] | None = None) -> dict[str, Any]:
     """The `/generate` body (and `Engine.generate` keyword arguments) for one completion per prompt.
 
     With `params.seed`, row i samples with seed `params.seed + i`, so repeated prompts still differ.
+    `image_data` (vision-language models) holds each row's images, in the order of its image placeholders
+    (PIL images for the Engine, data URLs over HTTP; an empty list for a row without images); the rows'
+    `input_ids` carry the placeholders already expanded, as the model's processor renders them.
     """
     if not prompts or any(not p for p in prompts):
         raise DataError("SGLang needs at least one prompt, and every prompt needs at least one token")
@@ -56,7 +60,12 @@ def generate_request(prompts: list[list[int]], params: SamplingParams) -> dict[s
         sp: dict[str, Any] | list[dict[str, Any]] = sampling_params(params)
     else:
         sp = [sampling_params(params, params.seed + i) for i in range(len(prompts))]
-    return {"input_ids": [list(map(int, p)) for p in prompts], "sampling_params": sp, "return_logprob": True}
+    request = {"input_ids": [list(map(int, p)) for p in prompts], "sampling_params": sp, "return_logprob": True}
+    if image_data is not None:
+        if len(image_data) != len(prompts):
+            raise DataError(f"SGLang needs one image list per prompt: {len(prompts)} prompts, {len(image_data)} lists")
+        request["image_data"] = [list(images) for images in image_data]
+    return request
 
 
 def finish_reason(meta: dict[str, Any]) -> str:

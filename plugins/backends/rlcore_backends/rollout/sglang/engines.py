@@ -14,6 +14,7 @@ from torch import Tensor
 
 from rlcore import SamplingParams
 from rlcore.errors import RLCoreError
+from rlcore_backends.common.vision import ENGINE_IMAGES, png_data_url
 from rlcore_backends.rollout.engine import Completion
 from rlcore_backends.rollout.sglang.api import (SGLangError, check_result, disk_update_request, distributed_update_request,
                                         generate_request, init_group_request, memory_request, parse_generate,
@@ -43,6 +44,12 @@ def tensor_serializer() -> Callable[[Any], str]:
     return lambda obj: MultiprocessingSerializer.serialize(obj, output_str=True)
 
 
+def row_images(multimodal: list[dict[str, Any]] | None, encode: Callable[[Any], Any]) -> list[list[Any]] | None:
+    """Each row's images (`ENGINE_IMAGES`), encoded for the transport, or None when no row has any."""
+    rows = [(m or {}).get(ENGINE_IMAGES) or [] for m in multimodal or []]
+    return [[encode(image) for image in images] for images in rows] if any(rows) else None
+
+
 class SGLangEngine:
     """`Engine` over an in-process `sglang.Engine` (or any object with its method signatures)."""
 
@@ -54,8 +61,11 @@ class SGLangEngine:
         """Start `sglang.Engine(**server_args)` (ServerArgs field names)."""
         return cls(import_sglang().Engine(**server_args))
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        return parse_generate(self.engine.generate(**generate_request(prompts, params)), len(prompts))
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 multimodal: list[dict[str, Any]] | None = None) -> list[Completion]:
+        """One completion per prompt; rows with images pass them (PIL) as `image_data`."""
+        request = generate_request(prompts, params, row_images(multimodal, lambda image: image))
+        return parse_generate(self.engine.generate(**request), len(prompts))
 
     def update_weights_from_tensor(self, named_tensors: list[tuple[str, Tensor]], flush_cache: bool) -> None:
         check_result("update_weights_from_tensor", self.engine.update_weights_from_tensor(
@@ -94,8 +104,11 @@ class SGLangServer:
             raise SGLangError(f"the SGLang server at {self.client.url} is not healthy (GET /health answered HTTP "
                               f"{status}): wait until it has loaded the model, or check its log")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        return parse_generate(self.client.post("/generate", generate_request(prompts, params)), len(prompts))
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 multimodal: list[dict[str, Any]] | None = None) -> list[Completion]:
+        """One `/generate` request for the batch; rows with images send them as PNG data URLs in `image_data`."""
+        request = generate_request(prompts, params, row_images(multimodal, png_data_url))
+        return parse_generate(self.client.post("/generate", request), len(prompts))
 
     def update_weights_from_tensor(self, named_tensors: list[tuple[str, Tensor]], flush_cache: bool) -> None:
         """Colocated only: the payload carries CUDA IPC handles (shared-memory handles for CPU tensors)."""

@@ -1,7 +1,8 @@
 """Rollout with SGLang: its offline `sglang.Engine`, or its HTTP server (at a URL, or launched by rlcore).
 
 Sampling goes through `engine.run_turns` (one completion per repeated prompt, multi-turn tools), so the
-batch layout, stop strings and loss masks match every other rollout; SGLang's `output_token_logprobs`
+batch layout, stop strings and loss masks match every other rollout; prompts with images carry them as
+`image_data` next to their token ids (`rollout.images.sample_with_images`); SGLang's `output_token_logprobs`
 are the logprobs of softmax(logits / temperature), as rlcore's trainers compute them. `sync_weights`
 pushes the trainer's weights by `sync`: tensor (colocated), distributed (NCCL group) or disk. With
 `release_memory_between_steps` SGLang frees its weights and KV cache after sampling, so a colocated
@@ -23,7 +24,9 @@ from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
 from rlcore_backends.common.dtypes import DTYPES as COMMON_DTYPES
+from rlcore_backends.common.vision import load_processor
 from rlcore_backends.rollout.engine import TurnOptions, run_turns
+from rlcore_backends.rollout.images import sample_with_images
 from rlcore_backends.rollout.sglang.api import MEMORY_TAGS
 from rlcore_backends.rollout.sglang.engines import SGLangEngine, SGLangServer
 from rlcore_backends.rollout.sglang.server import ORIGINAL_LOGPROB_ENV, HTTPClient, ServerProcess, free_port, server_command
@@ -83,26 +86,35 @@ class SGLangRollout:
         self.model_path = ""
         self.last: Weights | None = None
         self.released = False
+        self.model_config: Any = None
+        self.processor: Any = None
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
         """Start the engine (or connect to the server) on the model, and pick the weight sync."""
+        from transformers import AutoConfig
+
         self.tokenizer, self.model_path = ctx.model.tokenizer, ctx.model.path
+        self.model_config = AutoConfig.from_pretrained(ctx.model.path)
         self.engine = self._start(ctx)
         self.sync = self._weight_sync(ctx)
 
     @hookimpl
     def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
         """n responses per prompt (run_turns: each up to its EOS or stop string; tools in several turns), then
-        SGLang's memory is freed if `release_memory_between_steps`."""
-        if any(p.images for p in prompts):
-            raise RLCoreError("the sglang rollout does not pass images to vision-language models yet: choose a "
-                              "text-only task")
+        SGLang's memory is freed if `release_memory_between_steps`. Prompts with images (vision-language models)
+        are rendered by the model's processor and sent with their images as `image_data`."""
         if self.released:
             self._load(self.last)  # sampled again before new weights came: restore the last ones
         o = self.options
-        batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o.max_turns,
-                          o.max_tool_response_tokens, o.tool_timeout)
+        if any(p.images for p in prompts):
+            if self.processor is None:
+                self.processor = load_processor(self.model_path, self.tokenizer)
+            batch = sample_with_images(self.engine, self.model_config, self.processor, self.tokenizer, prompts,
+                                       params, tools, o)
+        else:
+            batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o.max_turns,
+                              o.max_tool_response_tokens, o.tool_timeout)
         if o.release_memory_between_steps:
             self.engine.release_memory_occupation(list(MEMORY_TAGS))
             self.released = True

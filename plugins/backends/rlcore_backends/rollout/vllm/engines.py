@@ -3,6 +3,8 @@
 Both sample with vLLM's `processed_logprobs` mode, so the logprob of each sampled token is of logits /
 temperature (as the trainer computes it; with top_p < 1 vLLM reports it under the top-p renormalised
 distribution it sampled from). Weights arrive through `RLCoreWorkerExtension` (`rollout/vllm/worker.py`).
+Prompts with images pass them next to their token ids (placeholders already expanded by rlcore's processor):
+offline as `multi_modal_data`, to a server through `/inference/v1/generate` (`--enable-scale-out`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from rlcore import SamplingParams
 from rlcore.errors import RLCoreError
+from rlcore_backends.common.vision import ENGINE_IMAGES, png_data_url
 from rlcore_backends.rollout.engine import Completion
 from rlcore_backends.rollout.vllm.worker import safetensors_bytes, shared_weights
 
@@ -109,14 +112,19 @@ class OfflineEngine:
         if dtype == "bfloat16":
             self.llm.collective_rpc("rlcore_init_amx")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One completion per token-id prompt, in one batched `LLM.generate` call."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 multimodal: list[dict[str, Any]] | None = None) -> list[Completion]:
+        """One completion per token-id prompt, in one batched `LLM.generate` call; a row with images (in
+        `multimodal[i][ENGINE_IMAGES]`) passes them as the prompt's `multi_modal_data`."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         sampling = [VLLMSamplingParams(**request_fields(params, self.stop_token_ids, s))
                     for s in row_seeds(params.seed, len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False,
-                                 lora_request=self.lora)
+        inputs = []
+        for i, prompt in enumerate(prompts):
+            images = (multimodal[i] if multimodal else {}).get(ENGINE_IMAGES)
+            inputs.append({"prompt_token_ids": prompt, **({"multi_modal_data": {"image": images}} if images else {})})
+        outs = self.llm.generate(inputs, sampling, use_tqdm=False, lora_request=self.lora)
         completions = []
         for out in outs:
             o = out.outputs[0]
@@ -134,6 +142,8 @@ class OfflineEngine:
             self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
             self.lora = None
         self.llm.reset_prefix_cache()
+        if self.llm.llm_engine.model_config.is_multimodal_model:
+            self.llm.llm_engine.reset_encoder_cache()  # image features computed by the old vision tower
         return max(seconds)
 
     def load_adapter(self, named: list[tuple[str, Tensor]], config: dict[str, Any]) -> float:
@@ -178,6 +188,8 @@ class ServerEngine:
         self.lora_enabled = False
         self.adapters: AdapterDirs | None = None
         self.adapter_name: str | None = None
+        self.images = False
+        """Whether the model takes images (its encoder cache is reset after each weight update)."""
 
     @classmethod
     def start(cls, path: str, dtype: str, seed: int, stop_token_ids: list[int], engine_args: dict[str, Any],
@@ -190,13 +202,18 @@ class ServerEngine:
                 "--port", str(port), "--dtype", dtype, "--seed", str(seed), "--enforce-eager",
                 "--served-model-name", SERVED_NAME, "--logprobs-mode", "processed_logprobs",
                 "--worker-extension-cls", EXTENSION, "--generation-config", "vllm", "--disable-log-stats"]
+        if engine_args.get("limit_mm_per_prompt"):
+            args.append("--enable-scale-out")  # the token-ids-in `/inference/v1/generate` route, which takes images
         for key, value in engine_args.items():
             flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, dict):
+                args += [flag, json.dumps(value)]
             elif value is not None:
                 args += [flag, str(value)]
         engine = cls(f"http://127.0.0.1:{port}", stop_token_ids, timeout, concurrency)
+        engine.images = bool(engine_args.get("limit_mm_per_prompt"))
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         if engine_args.get("enable_lora"):
             engine.lora_enabled, engine.adapters = True, AdapterDirs()
@@ -227,17 +244,39 @@ class ServerEngine:
         self.model = models["data"][0]["id"]
         return self
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One `/v1/completions` request per prompt, sent concurrently (the server batches them)."""
-        def one(prompt: list[int], seed: int | None) -> Completion:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 multimodal: list[dict[str, Any]] | None = None) -> list[Completion]:
+        """One request per prompt, sent concurrently (the server batches them): `/v1/completions` for text,
+        vLLM's token-ids-in `/inference/v1/generate` for a row with images (sent as PNG data URLs)."""
+        def one(prompt: list[int], seed: int | None, inputs: dict[str, Any]) -> Completion:
+            fields = request_fields(params, self.stop_token_ids, seed)
+            images = inputs.get(ENGINE_IMAGES)
+            if images:
+                return self._generate_with_images(prompt, fields, images)
             body = {"model": self.model, "prompt": prompt, "return_token_ids": True, "skip_special_tokens": True,
-                    **request_fields(params, self.stop_token_ids, seed)}
+                    **fields}
             choice = self._request("POST", "/v1/completions", body)["choices"][0]
             ids = list(choice["token_ids"])
             logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
             return Completion(ids, logprobs, finish(choice["finish_reason"], choice.get("stop_reason")))
 
-        return list(self.pool.map(one, prompts, row_seeds(params.seed, len(prompts))))
+        rows = multimodal or [{} for _ in prompts]
+        return list(self.pool.map(one, prompts, row_seeds(params.seed, len(prompts)), rows))
+
+    def _generate_with_images(self, prompt: list[int], fields: dict[str, Any], images: list[Any]) -> Completion:
+        body = {"model": self.model, "token_ids": prompt, "sampling_params": fields,
+                "content_parts": [{"type": "image_url", "url": png_data_url(image)} for image in images]}
+        try:
+            choice = self._request("POST", "/inference/v1/generate", body)["choices"][0]
+        except RLCoreError as e:
+            if "HTTP 404" not in str(e):
+                raise
+            raise RLCoreError(f"the vLLM server at {self.url} has no /inference/v1/generate route, which takes token "
+                              "ids with images: start it with --enable-scale-out (a server rlcore starts for a "
+                              "vision-language model has it)") from None
+        ids = list(choice["token_ids"])
+        logprobs = [float(entry["logprob"]) for entry in choice["logprobs"]["content"]]
+        return Completion(ids, logprobs, finish(choice["finish_reason"], choice.get("stop_reason")))
 
     def load_weights(self, named: list[tuple[str, Tensor]]) -> float:
         """Send the weights (in-memory safetensors, base64 in the JSON body) and reset the prefix cache."""
@@ -248,6 +287,8 @@ class ServerEngine:
                 self._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter_name})
                 self.model, self.adapter_name = SERVED_NAME, None
             self._request("POST", "/reset_prefix_cache")
+            if self.images:
+                self._request("POST", "/reset_encoder_cache")  # image features computed by the old vision tower
         except RLCoreError as e:
             raise RLCoreError(f"the vLLM server at {self.url} refused the weight update ({e}): run it with "
                               f"VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls {EXTENSION}") from None

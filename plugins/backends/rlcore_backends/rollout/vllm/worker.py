@@ -61,12 +61,14 @@ class RLCoreWorkerExtension:
         config = self.vllm_config.model_config.hf_config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         model: Any = self.model_runner.get_model()
-        if not (current_platform.is_cpu() and getattr(text, "tie_word_embeddings", False)
-                and hasattr(model, "lm_head") and hasattr(model.lm_head, "cpu_linear")):
+        tied = getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+        # a vision-language model keeps its head in its language model (`language_model.lm_head`)
+        head = next((m for name, m in model.named_modules() if name.split(".")[-1] == "lm_head"), None)
+        if not (current_platform.is_cpu() and tied and head is not None and hasattr(head, "cpu_linear")):
             return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+        dispatch_cpu_unquantized_gemm(head, remove_weight=False)
 
 
 def unique_tensors(named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:

@@ -27,9 +27,20 @@ from rlcore.errors import ConfigError, RLCoreError
 from rlcore_backends.common.train_options import OptimizerOptions, with_run_length
 from rlcore_backends.update.megatron import checkpoint as ckpt
 from rlcore_backends.update.megatron.convert import Layout, hf_from_shards
-from rlcore_backends.update.megatron.model import check_installed
+from rlcore_backends.update.megatron.converter import hf_to_native
+from rlcore_backends.update.megatron.model import check_attention, check_installed, rope_settings
 from rlcore_backends.update.megatron.pool import WorkerPool, free_address
 from rlcore_backends.update.megatron.worker import Worker, WorkerSpec
+
+
+VISION_REFUSAL = (
+    "backend megatron cannot train vision-language models (Qwen2-VL / Qwen2.5-VL): Megatron-core 0.16.1's GPTModel "
+    "can run their Qwen2 text decoder with 3-D (mrope) positions, but Megatron-core has no Qwen2.5-VL vision tower "
+    "(a window-attention ViT with 2-D rotary positions and a patch merger; its LLaVAModel takes CLIP, SigLIP, "
+    "InternViT or RADIO encoders at a fixed image size) and rlcore has no Hugging Face <-> Megatron weight mapping "
+    "for one: use --backend fsdp, torch or lora for tasks with images")
+CPU_REFUSAL = ("backend megatron needs GPUs (--hardware cuda): Megatron-core's layers, schedules and random-number "
+               "tracker are CUDA-only; on a CPU use --backend torch or fsdp")
 
 
 class MegatronBackend:
@@ -70,19 +81,38 @@ class MegatronBackend:
         self.steps = 0
 
     @hookimpl
+    def check_run(self, config: dict[str, Any], model_config: Any, modalities: frozenset[str]) -> list[str]:
+        """Refuse images, models GPTModel cannot host (by model_type, activation, rope scaling, sliding window),
+        parallel sizes that do not divide the model, and a CPU run."""
+        problems = [f"backend megatron: {line}" for line in self._option_problems()]
+        if "image" in modalities or getattr(model_config, "vision_config", None) is not None:
+            problems.append(VISION_REFUSAL)
+        elif model_config is not None:
+            try:
+                Layout.from_hf_config(model_config, self.options.tp, self.options.pp)
+                rope_settings(model_config)
+                check_attention(model_config)
+            except ConfigError as e:
+                problems.append(str(e))
+        if (config.get("plugins") or {}).get("hardware") == "cpu" and self.worker_init is None:
+            problems.append(CPU_REFUSAL)
+        return problems
+
+    @hookimpl
     def setup(self, ctx: RunContext) -> None:
         """Start tp x pp workers on the hardware plugin's devices; each loads its shard of the policy."""
         check_installed()
         opts = self.options = with_run_length(self.options, ctx.config)
-        if opts.sequence_parallel and (opts.tp < 2 or not opts.transformer_engine):
-            raise ConfigError("backend.sequence_parallel needs backend.tp > 1 and backend.transformer_engine=true "
-                              "(Megatron's local norm layers do not split the sequence)")
+        if self._option_problems():
+            raise ConfigError(f"backend megatron: {self._option_problems()[0]}")
         model_dir = ckpt.model_dir(ctx.model.path)
-        self.layout = Layout.from_hf_config(ckpt.hf_config(model_dir), opts.tp, opts.pp)
+        config = ckpt.hf_config(model_dir)
+        if getattr(config, "vision_config", None) is not None:
+            raise ConfigError(VISION_REFUSAL)
+        self.layout = Layout.from_hf_config(config, opts.tp, opts.pp)
         world = opts.tp * opts.pp
         if ctx.hardware.device().type == "cpu" and self.worker_init is None:
-            raise ConfigError("backend megatron needs GPUs (--hardware cuda): Megatron-core's layers, schedules and "
-                              "random-number tracker are CUDA-only; on a CPU use --backend torch or fsdp")
+            raise ConfigError(CPU_REFUSAL)
         if ctx.hardware.device().type != "cpu" and ctx.hardware.device_count() < world:
             raise ConfigError(f"backend megatron: tp x pp = {world} needs {world} devices, "
                               f"hardware {ctx.hardware.name} has {ctx.hardware.device_count()}")
@@ -124,7 +154,8 @@ class MegatronBackend:
 
     @hookimpl
     def save_state(self, directory: Path) -> None:
-        """A Megatron checkpoint (see `checkpoint`): per-rank weights, optimizer and scheduler."""
+        """A Megatron-LM checkpoint (`dist_checkpointing`, see `checkpoint`) plus each rank's optimizer and
+        scheduler state."""
         directory = Path(directory)
         self.pool.run(Worker.save, directory)
         ckpt.write_hf_files(self.model_dir, directory / ckpt.HF_DIR, self.tokenizer)
@@ -150,10 +181,17 @@ class MegatronBackend:
         """`to="native"`: a Hugging Face directory (or hub id) -> a Megatron checkpoint at this backend's
         tp x pp; `to="hf"`: a Megatron checkpoint -> a transformers model directory."""
         if to == "native":
-            return ckpt.hf_to_native(ckpt.model_dir(str(source)), Path(out), self.options.tp, self.options.pp)
+            return hf_to_native(ckpt.model_dir(str(source)), Path(out), self.options.tp, self.options.pp)
         if to == "hf":
             return ckpt.native_to_hf(Path(source), Path(out))
         raise ConfigError(f"convert: to={to!r} is not supported by backend megatron; use 'native' or 'hf'")
+
+    def _option_problems(self) -> list[str]:
+        opts = self.options
+        if opts.sequence_parallel and (opts.tp < 2 or not opts.transformer_engine):
+            return ["backend.sequence_parallel needs backend.tp > 1 and backend.transformer_engine=true "
+                    "(Megatron's local norm layers do not split the sequence)"]
+        return []
 
     def _hf_tensors(self) -> Iterator[tuple[str, Tensor]]:
         shards = dict(self.pool.run(Worker.shard))

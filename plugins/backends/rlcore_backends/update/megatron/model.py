@@ -33,6 +33,12 @@ def check_installed() -> None:
         raise ConfigError("backend megatron needs Megatron-core: pip install 'rlcore-backends[megatron]'")
 
 
+def check_attention(hf_config: Any) -> None:
+    """A ConfigError for attention GPTModel's local layers do not implement (sliding windows)."""
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ConfigError("backend megatron: sliding-window attention is not supported; use --backend fsdp")
+
+
 def rope_settings(hf_config: Any) -> tuple[float, float | None]:
     """(rotary base, Llama-3 scaling factor or None) from a transformers config (4.x or 5.x field names)."""
     params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
@@ -53,8 +59,7 @@ def transformer_config(hf_config: Any, layout: Layout, *, sequence_parallel: boo
     Megatron's schedules run forward passes under CUDA bfloat16 autocast (float32 master weights)."""
     from megatron.core.transformer import TransformerConfig
 
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ConfigError("backend megatron: sliding-window attention is not supported")
+    check_attention(hf_config)
     return TransformerConfig(
         num_layers=layout.layers, hidden_size=layout.hidden, ffn_hidden_size=layout.ffn,
         num_attention_heads=layout.heads, num_query_groups=layout.kv_heads, kv_channels=layout.head_dim,

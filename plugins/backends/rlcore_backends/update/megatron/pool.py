@@ -1,7 +1,8 @@
 """The driver's handle on the Megatron worker processes: start them, send a command to all, collect answers.
 
 Workers are spawned with torch.multiprocessing; each builds its worker object (`make_worker(rank)`, a
-`megatron_worker.Worker`), serves commands from its own queue and answers on a shared one. A command is a
+`megatron_worker.Worker`), serves commands from its own queue and answers on a shared one, and stops by itself
+if the driver dies. A command is a
 picklable callable `fn(worker, *args)` (usually a `Worker` method). Every wait
 has a deadline and watches the processes, so a dead or stuck rank becomes a `TrainingError` naming it,
 and any failure stops every worker (the others would wait forever in a collective).
@@ -9,6 +10,7 @@ and any failure stops every worker (the others would wait forever in a collectiv
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import socket
@@ -36,6 +38,7 @@ def serve(rank: int, make_worker: Callable[[int], Any], commands: Any, answers: 
     """A worker process: build the rank's worker, run commands until told to stop (None), then `close` it.
     Ctrl-C is left to the driver, which finishes its step and checkpoints before closing the workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgrp()  # its own process group, so `WorkerPool` can end it with every process it started
     try:
         if init is not None:
             init()
@@ -44,7 +47,16 @@ def serve(rank: int, make_worker: Callable[[int], Any], commands: Any, answers: 
         answers.put((rank, "error", _describe(e)))
         return
     answers.put((rank, "ok", None))
-    while (command := commands.get()) is not None:
+    parent = os.getppid()
+    while True:
+        try:
+            command = commands.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent:  # the driver died: nobody will send `None`
+                return
+            continue
+        if command is None:
+            break
         fn, args = command
         try:
             answers.put((rank, "ok", fn(worker, *args)))
@@ -69,7 +81,9 @@ class WorkerPool:
         self.answers = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(size)]
         self.processes = [ctx.Process(target=serve, args=(rank, make_worker, self.commands[rank], self.answers, init),
-                                      name=f"megatron-rank-{rank}", daemon=True) for rank in range(self.size)]
+                                      name=f"megatron-rank-{rank}") for rank in range(self.size)]
+        """Not daemons: megatron-core's checkpoint writer starts processes of its own; a worker whose driver
+        died stops by itself (`serve`)."""
         self.broken: str | None = None
         for p in self.processes:
             p.start()
@@ -93,10 +107,15 @@ class WorkerPool:
         self._kill()
 
     def _kill(self) -> None:
+        """End every worker and whatever it started (megatron-core's checkpoint writer starts processes)."""
         for p in self.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
+            if p.pid is None:
+                continue
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.join(timeout=10)
 
     def _fail(self, message: str, cause: BaseException | None = None) -> None:
         self.broken = message.splitlines()[0]

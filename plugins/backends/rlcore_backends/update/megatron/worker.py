@@ -26,7 +26,8 @@ from torch import Tensor
 from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch, UpdatePlan
 from rlcore.errors import TrainingError
 from rlcore_backends.common import micro_batches
-from rlcore_backends.update.megatron.checkpoint import SafetensorsReader, hf_config, rank_file
+from rlcore_backends.update.megatron.checkpoint import (SafetensorsReader, hf_config, load_model, rank_state_file,
+                                                        save_model)
 from rlcore_backends.update.megatron.convert import Layout, shard_from_hf
 from rlcore_backends.update.megatron.inputs import MicroInputs, pack
 from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs
@@ -124,17 +125,19 @@ class Worker:
         return (self.tp_rank, self.pp_rank), shard_of(self.model, self.opts.transformer_engine)
 
     def save(self, directory: Path) -> None:
-        """Write this rank's weights, optimizer and scheduler to its `mp_rank_*` file."""
-        path = rank_file(directory, self.tp_rank, self.pp_rank)
+        """The model through megatron-core's `dist_checkpointing` in Megatron-LM's layout (all ranks together,
+        see `checkpoint`), and this rank's optimizer, scheduler and step count beside it."""
+        save_model(self.model, directory, self.layout, self.hf_config, self.steps)
+        path = rank_state_file(directory, self.tp_rank, self.pp_rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.shard()[1], "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "steps": self.steps}, path)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "steps": self.steps}, path)
 
     def load(self, directory: Path) -> None:
-        """Restore what `save` wrote (same tp x pp), so training resumes exactly."""
-        state = torch.load(rank_file(directory, self.tp_rank, self.pp_rank), map_location=self.device,
+        """Restore what `save` wrote (same tp x pp for the optimizer state), so training resumes exactly."""
+        load_model(self.model, directory)
+        state = torch.load(rank_state_file(directory, self.tp_rank, self.pp_rank), map_location=self.device,
                            weights_only=True)
-        load_shard(self.model, state["model"], self.opts.transformer_engine)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         apply_lr(self.optimizer, self.scheduler, self.opts.lr)

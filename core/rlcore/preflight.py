@@ -1,0 +1,46 @@
+"""Checks before a run: every selected plugin may refuse a combination it cannot run, before anything starts.
+
+`rlcore run --dry-run` and the start of every run call `check_run` here: fresh instances of the selected
+plugins (constructors only: no model, engine, worker or Ray is started) answer the `modalities` and
+`check_run` hooks (see `rlcore.hookspecs`) given the resolved config and the model's transformers config,
+read without loading weights. A run that would fail later (a vision-language model on a backend that cannot
+host it, a model type a backend cannot load, parallel sizes that do not divide the model) stops here with one
+line per problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlcore.errors import ConfigError
+from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
+from rlcore.run_config import ResolvedConfig
+
+
+def local_registry(cfg: ResolvedConfig) -> Registry:
+    """The selected plugins, the trackers and the extras as plain local instances, whatever the placement
+    (nothing set up; a tracker whose library is missing refuses here already)."""
+    registry = Registry()
+    for kind in SELECTED_KINDS:
+        registry.register(kind, cfg.selection[kind], construct(cfg.classes[kind], cfg.options[kind]))
+    for name, cls in cfg.trackers.items():
+        registry.register("tracker", name, construct(cls, cfg.tracker_options[name]))
+    for name, cls in cfg.extras.items():
+        registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+    return registry
+
+
+def problems(cfg: ResolvedConfig, model_config: Any) -> list[str]:
+    """Every problem the selected plugins' `check_run` report for this config and model (empty: all accept)."""
+    registry = local_registry(cfg)
+    modalities = frozenset(m for found in registry.hook.modalities() for m in found or ())
+    answers = registry.hook.check_run(config=cfg.to_dict(), model_config=model_config, modalities=modalities)
+    return [line for found in answers for line in found or ()]
+
+
+def check_run(cfg: ResolvedConfig, model_config: Any) -> None:
+    """Raise a ConfigError listing every problem the selected plugins report (one per line), if any."""
+    found = problems(cfg, model_config)
+    if found:
+        raise ConfigError("this run cannot work: " + found[0] if len(found) == 1 else
+                          "this run cannot work:\n" + "\n".join(f"  - {line}" for line in found))
