@@ -23,7 +23,7 @@ from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
 from rlcore.errors import TrainingError
-from rlcore.evaluate import evaluate
+from rlcore.evaluate import evaluate, turn_inputs
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.run_config import ResolvedConfig
@@ -121,7 +121,7 @@ class Trainer:
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
         self.stream = PromptStream(self.registry.require("task", "dataset", split="train"), seed=t.seed)
-        self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
+        self.turns = turn_inputs(self.registry)
         if t.eval_every:
             test = self.registry.require("task", "dataset", split="test")
             self.eval_prompts = [test[i] for i in range(min(t.eval_limit, len(test)))]
@@ -156,7 +156,7 @@ class Trainer:
         while True:
             prompts = self.stream.take(t.prompts_per_step - groups)
             t0 = time.perf_counter()
-            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, tools=self.tools)
+            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, **self.turns)
             timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
             batch.validate()
             t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Plugins are found through entry points, one group per kind (`rlcore.algo`, `rlcore.backend`,
 `rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, `rlcore.placement` — where the other plugins run:
-in this process, or as Ray actors — and `rlcore.extra` for cross-cutting plugins such as experiment
-trackers that are always active). An entry point names a class; the run instantiates it
+in this process, or as Ray actors — `rlcore.extra` for cross-cutting plugins such as experiment
+trackers that are always active, and `rlcore.tool_format` for the tool-call syntaxes a multi-turn
+rollout reads, chosen with `rollout.tool_format`). An entry point names a class; the run instantiates it
 with its typed options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing
 is imported until selected, so a broken plugin breaks only the runs that select it.
 
@@ -25,7 +26,7 @@ from rlcore import hookspecs
 from rlcore.config import build_options
 from rlcore.errors import PluginError
 
-KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra")
+KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra", "tool_format")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
 GROUP = "rlcore.{kind}"
@@ -76,10 +77,10 @@ def load(kind: str, name: str) -> type:
     """Import the plugin class `name` of `kind`, with an error that lists what is installed."""
     eps = entry_points(kind)
     names = available(kind)
-    flag = "--algo" if kind == "algo" else f"--{kind}"
+    flag = {"algo": "--algo ", "tool_format": "--set rollout.tool_format="}.get(kind, f"--{kind} ")
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
-                          f"{', '.join(names) or '(none)'}. Choose one with {flag} NAME, "
+                          f"{', '.join(names) or '(none)'}. Choose one with {flag}NAME, "
                           f"or pip install the package that provides {name!r}.")
     if is_disabled(kind, name):
         raise PluginError(f"{kind} plugin {name!r} is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}; "
@@ -179,6 +180,13 @@ class Registry:
         """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, extras)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}
         return sorted(self.plugins, key=lambda k: order.get(k, len(order)))
+
+    def accepts(self, kind: str, hook: str, argument: str) -> bool:
+        """Whether the plugin registered under `kind` implements `hook` with a parameter named `argument`
+        (pluggy hands an implementation only the arguments it names)."""
+        plugin = self.plugins.get(kind)
+        return any(impl.plugin is plugin and argument in impl.argnames
+                   for impl in getattr(self.pm.hook, hook).get_hookimpls())
 
     def implements(self, kind: str, hook: str) -> bool:
         """Whether the plugin registered under `kind` implements `hook`."""

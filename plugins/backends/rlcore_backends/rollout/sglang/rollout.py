@@ -18,7 +18,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
@@ -92,7 +92,8 @@ class SGLangRollout:
         self.sync = self._weight_sync(ctx)
 
     @hookimpl
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+               interaction: Interaction | None) -> RolloutBatch:
         """n responses per prompt (run_turns: each up to its EOS or stop string; tools in several turns), then
         SGLang's memory is freed if `release_memory_between_steps`."""
         if any(p.images for p in prompts):
@@ -101,8 +102,7 @@ class SGLangRollout:
         if self.released:
             self._load(self.last)  # sampled again before new weights came: restore the last ones
         o = self.options
-        batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o.max_turns,
-                          o.max_tool_response_tokens, o.tool_timeout)
+        batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o, interaction)
         if o.release_memory_between_steps:
             self.engine.release_memory_occupation(list(MEMORY_TAGS))
             self.released = True
