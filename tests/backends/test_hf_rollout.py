@@ -226,9 +226,15 @@ def test_lean_decoder_matches_transformers_generate(rlcore_context: RunContext, 
                                                    prompts: list[Prompt]) -> None:
     """The lean decode loop (distinct prompts prefilled once, finished rows dropped) samples exactly what
     transformers `generate` does with the same sampler: greedy with EOS-ended rows of several lengths, and
-    seeded sampling (every row's uniform is drawn each step, so the random stream is the same)."""
+    seeded sampling (every row's uniform is drawn each step, so the random stream is the same), and one
+    sample per prompt in both orders (no repeated rows: the prefill cache is still put in the rows' order)."""
     reference = HFRollout(HFRollout.Options(decoder="generate"))
     reference.setup(ctx=rlcore_context)
+    for order in (prompts, prompts[::-1]):
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+        lean = rollout.sample(prompts=order, params=params, tools=[], interaction=None)
+        assert torch.equal(lean.response_ids, reference.sample(prompts=order, params=params, tools=[],
+                                                               interaction=None).response_ids)
     for params in (SamplingParams(n=2, temperature=0.0, max_new_tokens=12),
                    SamplingParams(n=3, temperature=0.8, top_p=0.95, max_new_tokens=16, seed=3),
                    SamplingParams(n=2, max_new_tokens=9, min_new_tokens=6, seed=4)):
