@@ -4,9 +4,11 @@ turn. Scripted engine and the embedded tool model's tokenizer (Qwen's chat layou
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from rlcore import Interaction, InteractionTurn, Prompt, SamplingParams, Tool, ToolResult
 from rlcore.errors import ConfigError
@@ -166,3 +168,37 @@ def test_the_core_refuses_an_interaction_the_rollout_cannot_run() -> None:
     registry.register("task", "talks", Task())
     with pytest.raises(ConfigError, match="rollout 'old' cannot run"):
         turn_inputs(registry)
+
+
+def test_the_sglang_rollout_runs_interactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same driver behind the sglang rollout (SGLang's Engine double over the random embedded tool model):
+    answers that end get the interaction's reply, masked out of the loss."""
+    import types
+
+    from sglang_fake import FakeEngine
+
+    from rlcore.models import build_tiny_tool_model
+    from rlcore.testing import make_context
+    from rlcore_backends.rollout.sglang import engines as sglang_engine
+    from rlcore_backends.rollout.sglang.rollout import SGLangRollout
+
+    class No(Teacher):
+        def respond(self, instance: dict[str, Any], messages: list[dict[str, Any]]) -> InteractionTurn:
+            return InteractionTurn(done=False, text="No.", reward=-1.0)
+
+    monkeypatch.setattr(sglang_engine, "import_sglang", lambda: types.SimpleNamespace(Engine=FakeEngine))
+    ctx = make_context(tmp_path / "run", build_tiny_tool_model(tmp_path / "model"))
+    rollout = SGLangRollout(SGLangRollout.Options(max_turns=2))
+    rollout.setup(ctx=ctx)
+    batch = rollout.sample(ask("2+5?", "7") + ask("1+1?", "2"), SamplingParams(n=8, max_new_tokens=48, seed=1), (),
+                           No())
+    rollout.teardown()
+    batch.validate()
+    replied = [i for i, info in enumerate(batch.info) if info["user_turns"]]
+    assert replied and all(batch.info[i]["turn_rewards"] == [-1.0] for i in replied)
+    reply = "\n<|im_start|>user\nNo.<|im_end|>\n<|im_start|>assistant\n"
+    for i in replied:
+        ids, mask = response(batch, i)
+        masked = ctx.model.tokenizer.decode([t for t, m in zip(ids, mask) if m == 0])
+        assert masked and reply.startswith(masked), "the reply (cut at the token budget) is out of the loss"
+        assert batch.rollout_logprobs[i, :len(ids)][torch.tensor(mask) == 0].abs().sum() == 0
