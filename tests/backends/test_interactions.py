@@ -202,3 +202,20 @@ def test_the_sglang_rollout_runs_interactions(tmp_path: Path, monkeypatch: pytes
         masked = ctx.model.tokenizer.decode([t for t, m in zip(ids, mask) if m == 0])
         assert masked and reply.startswith(masked), "the reply (cut at the token budget) is out of the loss"
         assert batch.rollout_logprobs[i, :len(ids)][torch.tensor(mask) == 0].abs().sum() == 0
+
+
+def test_a_ray_placed_rollout_without_interactions_refuses_one() -> None:
+    """The Ray proxy takes `interaction` for every rollout; it refuses one the plugin's sample cannot take."""
+    from rlcore import hookimpl
+    from rlcore.errors import PluginError
+    from rlcore_backends.placement.ray.proxy import proxy_class
+    from rlcore_backends.placement.ray.workers import Workers
+
+    class OldRollout:
+        @hookimpl
+        def sample(self, prompts: Any, params: Any, tools: Any) -> Any:
+            return None
+
+    proxy = proxy_class(OldRollout)(Workers(1.0, ""), lambda kind: [], "rollout", "old", OldRollout, None)
+    with pytest.raises(PluginError, match="rollout plugin 'old' does not run interactions"):
+        proxy.sample([], SamplingParams(), [], Teacher())

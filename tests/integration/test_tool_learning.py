@@ -45,9 +45,8 @@ def test_rl_raises_tool_calls_and_reward_past_the_no_tool_ceiling(tmp_path: Path
     rows = MetricsLog.read(tmp_path / "rl" / "metrics.jsonl")
     calls = [r["rollout/tool_calls"] for r in rows]
     rewards = [r["reward/mean"] for r in rows]
-    start, end = slice(0, 2), slice(-4, None)
-    assert sum(calls[start]) / 2 < 0.2, f"the warm-started model rarely calls the calculator: {calls}"
-    assert sum(calls[end]) / 4 > 0.8, f"RL makes it call the calculator: {calls}"
-    assert sum(rewards[start]) / 2 < 0.15 and sum(rewards[end]) / 4 > 0.5, f"and be right: {rewards}"
-    assert max(rewards[end]) > 100 * best_guess_accuracy(), "far past any answer without the tool"
+    assert calls[0] < 0.15, f"the warm-started model (step 1 samples before any update) rarely calls: {calls}"
+    assert sum(calls[-4:]) / 4 > 0.8, f"RL makes it call the calculator: {calls}"
+    assert rewards[0] < 0.1 and sum(rewards[-4:]) / 4 > 0.5, f"and be right: {rewards}"
+    assert min(rewards[-4:]) > 100 * best_guess_accuracy(), "far past any answer without the tool"
     assert all(r["rollout/tool_errors"] <= r["rollout/tool_calls"] for r in rows)
