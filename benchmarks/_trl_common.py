@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-QWEN_TOKENIZER = SHARED / "tokenizers" / "qwen3"
-SMOLLM_GGUF = SHARED / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared_data import QWEN3_TOKENIZER, SMOLLM2  # noqa: E402
+
 QWEN_VOCAB, QWEN_PAD, QWEN_EOS = 151669, 151643, 151645
 """The Qwen2.5/Qwen3 tokenizer's full vocabulary (with added tokens), <|endoftext|> and <|im_end|>."""
 
@@ -87,11 +87,11 @@ def prepare_model(name: str, directory: Path) -> dict[str, Any]:
         if name == "smollm":
             from rlcore.models import dequantize_gguf
 
-            dequantize_gguf(SMOLLM_GGUF.parent, SMOLLM_GGUF.name, tmp)
+            dequantize_gguf(SMOLLM2.parent, SMOLLM2.name, tmp)  # the driver checked that it exists
         else:
             tmp.mkdir(parents=True)
-            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-                shutil.copy(QWEN_TOKENIZER / f, tmp / f)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(QWEN3_TOKENIZER / f, tmp / f)
             config = Qwen2Config(vocab_size=QWEN_VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
                                  pad_token_id=QWEN_PAD, eos_token_id=QWEN_EOS, bos_token_id=None,
                                  **MODELS[name])

@@ -37,9 +37,8 @@ from rlcore import Prompt, SamplingParams  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_speed import SMOLLM2, gsm8k_prompts  # noqa: E402
-
-QWEN3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "qwen3"
+from _shared_data import QWEN3_TOKENIZER, SMOLLM2, require  # noqa: E402
+from rollout_speed import gsm8k_prompts  # noqa: E402
 
 
 def build_tiny(directory: Path) -> Path:
@@ -47,8 +46,8 @@ def build_tiny(directory: Path) -> Path:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(QWEN3 / name, directory / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(QWEN3_TOKENIZER / name, directory / name)
     config = Qwen2Config(vocab_size=151669, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                          tie_word_embeddings=False, pad_token_id=151643, eos_token_id=151645)
@@ -132,7 +131,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="rlcore-lora-sync-") as tmp:
         root = Path(tmp)
-        paths = {"tiny": lambda: build_tiny(root / "tiny-model"), "smollm2-135m": lambda: SMOLLM2}
+        smollm2 = "SmolLM2-135M-Instruct (GGUF)"
+        paths = {"tiny": lambda: build_tiny(root / "tiny-model"),
+                 "smollm2-135m": lambda: require(SMOLLM2, smollm2, "--models tiny to leave it out")}
         for name in args.models.split(","):
             results[name] = bench_model(name, paths[name](), root, args)
 

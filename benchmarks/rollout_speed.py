@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +33,16 @@ import torch  # noqa: E402 - after the thread environment is set
 from rlcore import Prompt, SamplingParams, Weights  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SMOLLM2 = DATA / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared_data import GSM8K_FIRST_TEST, GSM8K_TEST, SMOLLM2, require  # noqa: E402
 
 
 def gsm8k_prompts(count: int) -> list[Prompt]:
-    """The first `count` GSM8K test questions as single user turns."""
-    with open(DATA / "gsm8k" / "test.jsonl") as f:
+    """The first `count` GSM8K test questions as single user turns (the first 16 ship with the examples)."""
+    shipped = len(GSM8K_FIRST_TEST.read_text().splitlines())
+    path = GSM8K_FIRST_TEST if count <= shipped else require(
+        GSM8K_TEST, f"GSM8K's test split (for more than {shipped} prompts)", f"--prompts {shipped} or fewer")
+    with open(path) as f:
         rows = [json.loads(line) for _, line in zip(range(count), f)]
     return [Prompt(messages=[{"role": "user", "content": r["question"]}], id=str(i)) for i, r in enumerate(rows)]
 
@@ -78,6 +82,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.model == str(SMOLLM2):
+        require(SMOLLM2, "The default model, SmolLM2-135M-Instruct (GGUF)", "--model PATH (a model directory or GGUF)")
 
     from rlcore_backends.rollout.hf.rollout import HFRollout
     from rlcore_backends.rollout.vllm.rollout import VLLMRollout

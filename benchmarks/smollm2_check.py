@@ -44,9 +44,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-SMOLLM2 = DATA / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared_data import GSM8K_TEST, SMOLLM2, require  # noqa: E402
+
 Z95 = 1.959963984540054
 
 
@@ -349,6 +349,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args()
     args.vllm_set = args.vllm_set if args.vllm_set is not None else ["rollout.max_model_len=2048"]
+    if args.model == str(SMOLLM2):
+        require(SMOLLM2, "The default model, SmolLM2-135M-Instruct (GGUF)", "--model PATH (directory, GGUF, hub id)")
+    if not args.no_gsm8k:
+        require(args.gsm8k, "GSM8K's test split", "--gsm8k FILE (a GSM8K test jsonl) or --no-gsm8k")
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)

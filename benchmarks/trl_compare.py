@@ -37,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _trl_common as common  # noqa: E402
+from _shared_data import SMOLLM2, require  # noqa: E402
 
 HERE = Path(__file__).resolve()
 PHASES = (("generation", "sample"), ("scoring", "score"), ("logprob", "logprob"), ("update", "update"))
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if trl_py is None:
         print("trl is not importable here nor in .venv-trl (see --trl-python); nothing to compare", file=sys.stderr)
         return 2
+    if args.model == "smollm":
+        require(SMOLLM2, "SmolLM2-135M-Instruct (GGUF), the model of --model smollm", "--model 5m or 50m")
     work = Path(args.work_dir)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -195,14 +195,25 @@ def plugins_cmd() -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG path (default RUN_DIR/report.png).")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="HTML path (default RUN_DIR/report.html for one run, ./rlcore-report.html for several).")
 @_user_errors
-def report(run_dir: Path, out: Path | None) -> None:
-    """Draw reward, response length, loss and entropy curves of a run to PNG."""
-    from rlcore.report import draw
+def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Write one self-contained HTML page of a run (curves, summary, generation tables, config), or of several
+    runs compared, and each run's curves to RUN_DIR/report.png."""
+    import importlib.util
 
-    click.echo(f"wrote {draw(run_dir, out)}")
+    from rlcore.report import draw
+    from rlcore.report_page import write
+
+    page = out or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("rlcore-report.html"))
+    click.echo(f"wrote {write(run_dirs, page)}")
+    if importlib.util.find_spec("matplotlib") is None:
+        click.echo("report.png skipped: matplotlib is not installed (pip install 'rlcore[report]')")
+        return
+    for run_dir in run_dirs:
+        click.echo(f"wrote {draw(run_dir)}")
 
 
 @main.command(name="eval")

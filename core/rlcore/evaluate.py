@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from rlcore.errors import ConfigError
 from rlcore.plugins import Registry
-from rlcore.types import Prompt, SamplingParams
+from rlcore.types import Prompt, RolloutBatch, SamplingParams, Scores
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -54,8 +54,10 @@ def turn_inputs(registry: Registry) -> dict[str, Any]:
 
 
 def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingParams, ks: Sequence[int],
-             chunk: int = 32, progress: bool = False) -> EvalResult:
-    """Sample `params.n` responses for each prompt, score them, and compute pass@k for every k in `ks`."""
+             chunk: int = 32, progress: bool = False,
+             on_batch: Callable[[RolloutBatch, Scores], None] | None = None) -> EvalResult:
+    """Sample `params.n` responses for each prompt, score them, and compute pass@k for every k in `ks`;
+    `on_batch` sees every scored batch (the loop logs a generation table from it)."""
     turns = turn_inputs(registry)
     started = time.perf_counter()
     correct: list[int] = []
@@ -70,6 +72,8 @@ def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingPara
             part = list(prompts[i:i + chunk])
             batch = registry.require("rollout", "sample", prompts=part, params=params, **turns)
             scores = registry.require("task", "score", batch=batch)
+            if on_batch is not None:
+                on_batch(batch, scores)
             infos = scores.info or [{} for _ in range(len(batch))]
             per_problem = [0] * len(part)
             for g, info, r in zip(batch.group_ids.tolist(), infos, scores.rewards.tolist()):

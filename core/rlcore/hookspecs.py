@@ -1,7 +1,7 @@
 """The hook contract: every capability of a run is one of these hooks, implemented by the selected plugin.
 
-A run registers exactly one plugin of each kind (algo, backend, rollout, task, hardware) plus every
-installed `extra` plugin. Hooks marked *first result* return the answer of the one implementation that
+A run registers exactly one plugin of each kind (algo, backend, rollout, task, hardware) plus the
+`tracker` plugins that `trainer.log_to` selects and every installed `extra` plugin. Hooks marked *first result* return the answer of the one implementation that
 answers (not None); the others are *collected* into a list. Implementations may accept a subset of the
 arguments (pluggy passes only those they name), so new arguments can be added without breaking plugins.
 
@@ -68,7 +68,16 @@ def load_state(directory: Path) -> None:
 @hookspec
 def log_metrics(step: int, metrics: dict[str, float]) -> None:
     """Any plugin, collected. Called after every step with that step's metrics (already written to
-    `metrics.jsonl`): experiment trackers implement it."""
+    `metrics.jsonl`): experiment trackers implement it. The resolved config is `ctx.config` in `setup`; a
+    tracker keeps what it needs to resume into the same run in `save_state` / `load_state`."""
+
+
+@hookspec
+def log_generations(step: int, split: str, rows: list[dict[str, Any]]) -> None:
+    """Any plugin, collected. Called every `trainer.generations_every` steps (`split` "train") and after
+    every evaluation ("eval") with a few of the step's samples, already written to `generations.jsonl`:
+    one dict per sample with `prompt`, `response`, `reward`, `finish_reason`, `tool_calls` and the
+    task's per-sample score details (`rlcore.generations.table` turns them into columns and rows)."""
 
 
 @hookspec

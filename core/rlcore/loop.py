@@ -24,6 +24,7 @@ from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
 from rlcore.errors import TrainingError
 from rlcore.evaluate import evaluate, turn_inputs
+from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.plugins import SELECTED_KINDS, Registry, instantiate
 from rlcore.run_config import ResolvedConfig
@@ -59,9 +60,10 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False) -> Registry:
+def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = False, trackers: bool = False) -> Registry:
     """Register the selected placement plugin, then the selected plugins of `kinds` as it places them
-    (in process, or proxies to workers elsewhere), then the extras."""
+    (in process, or proxies to workers elsewhere), then the trackers `trainer.log_to` selects (for
+    training runs only: `trackers`), then the extras. Trackers and extras run in this process."""
     registry = Registry(trace=trace)
     name = cfg.selection["placement"]
     registry.register("placement", name, _instance(cfg.classes["placement"], cfg.options["placement"]))
@@ -73,6 +75,8 @@ def open_registry(cfg: ResolvedConfig, kinds: tuple[str, ...], trace: bool = Fal
         registry.register(kind, cfg.selection[kind],
                           registry.require("placement", "place", kind=kind, name=cfg.selection[kind], cls=cls,
                                            options=options))
+    for name, cls in cfg.trackers.items() if trackers else ():
+        registry.register("tracker", name, _instance(cls, cfg.tracker_options[name]))
     for extra, cls in cfg.extras.items():
         registry.register("extra", extra, instantiate(cls, None, f"extra.{extra}"))
     return registry
@@ -102,7 +106,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.show_progress = progress
-        self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace)
+        self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace, trackers=True)
         self.hook = self.registry.hook
         self.checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step = 0
@@ -128,6 +132,8 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
+        self.generations = GenerationLog(self.run_dir, self.hook, t.generations_every, t.generations_samples,
+                                         keep_until=self.step if resume else None)
         self.hook.sync_weights(weights=self.hook.policy_weights())
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
@@ -246,13 +252,15 @@ class Trainer:
         timings["timing/step"] = time.perf_counter() - t_step
         metrics.update(timings)
         metrics["tokens_per_s"] = metrics["rollout/tokens"] / timings["timing/step"]
+        self.generations.train(self.step + 1, batch)
         return metrics
 
     def validate(self) -> dict[str, float]:
         """pass@1 and mean reward on the first `eval_limit` test problems."""
         t = self.cfg.trainer
         params = attrs.evolve(self.cfg.sampling.params(), n=t.eval_samples, temperature=t.eval_temperature)
-        result = evaluate(self.registry, self.eval_prompts, params, ks=[1])
+        result = evaluate(self.registry, self.eval_prompts, params, ks=[1],
+                          on_batch=self.generations.evaluation(self.step))
         return {"eval/pass@1": result.pass_at["pass@1"], "eval/reward": result.reward_mean,
                 "eval/reward_errors": float(result.reward_errors), "timing/eval": result.seconds}
 

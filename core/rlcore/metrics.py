@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-HEADLINE = (("reward/mean", "reward"), ("response_length/mean", "len"), ("loss", "loss"),
-            ("kl_ref", "kl"), ("entropy", "ent"), ("timing/step", "s/step"))
+HEADLINE = (("reward/mean", "reward"), ("eval/pass@1", "pass@1"), ("response_length/mean", "len"),
+            ("kl_ref", "kl"), ("approx_kl", "kl_old"), ("entropy", "ent"), ("loss", "loss"),
+            ("timing/step", "s/step"))
+"""What a progress line shows, when logged: `kl` is the KL to the reference model (algorithms with a KL
+term), `kl_old` the policy's drift within the step's update (PPO's approx_kl)."""
 
 
 def logprob_mismatch(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -72,13 +75,23 @@ def headline(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def clock(seconds: float) -> str:
+    """`3725.2` -> `1:02:05`."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class ProgressDisplay:
-    """A rich progress bar on a terminal; a plain line every `log_every` steps otherwise (CI, logs)."""
+    """A rich progress bar on a terminal (elapsed, remaining, the headline numbers); a plain line every
+    `log_every` steps otherwise (CI, log files): step, percent, headline, elapsed and ETA. The ETA is the
+    mean time per step since this process started (or resumed) times the steps left."""
 
     def __init__(self, total: int, start: int, log_every: int, console: Console | None = None) -> None:
         self.console = console or Console()
         self.total = total
+        self.start = start
         self.log_every = log_every
+        self.started = time.monotonic()
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
         if self.live:
@@ -91,8 +104,16 @@ class ProgressDisplay:
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, description=headline(metrics))
-        elif step % self.log_every == 0 or step == self.total or step == 1:
-            print(f"step {step}/{self.total}  {headline(metrics)}", file=sys.stdout, flush=True)
+        elif step % self.log_every == 0 or step == self.total or step == self.start + 1:
+            print(self.line(step, metrics), file=self.console.file, flush=True)
+
+    def line(self, step: int, metrics: dict[str, Any]) -> str:
+        """One plain progress line."""
+        elapsed = time.monotonic() - self.started
+        eta = (self.total - step) * elapsed / max(step - self.start, 1)
+        percent = 100 * step / max(self.total, 1)
+        return (f"step {step}/{self.total} ({percent:.0f}%)  {headline(metrics)}  "
+                f"elapsed {clock(elapsed)}  eta {clock(eta)}")
 
     def close(self) -> None:
         if self.progress is not None:

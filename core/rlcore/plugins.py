@@ -2,11 +2,12 @@
 
 Plugins are found through entry points, one group per kind (`rlcore.algo`, `rlcore.backend`,
 `rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, `rlcore.placement` — where the other plugins run:
-in this process, or as Ray actors — `rlcore.extra` for cross-cutting plugins such as experiment
-trackers that are always active, and `rlcore.tool_format` for the tool-call syntaxes a multi-turn
-rollout reads, chosen with `rollout.tool_format`). An entry point names a class; the run instantiates it
-with its typed options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing
-is imported until selected, so a broken plugin breaks only the runs that select it.
+in this process, or as Ray actors —, `rlcore.tracker` for experiment trackers, any number of which a
+run selects with `trainer.log_to`, `rlcore.extra` for cross-cutting plugins that every run activates
+just by being installed, and `rlcore.tool_format` for the tool-call syntaxes a multi-turn rollout reads,
+chosen with `rollout.tool_format`). An entry point names a class; the run instantiates it with its typed
+options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing is imported until
+selected, so a broken plugin breaks only the runs that select it.
 
 `RLCORE_DISABLE_PLUGINS="gmpo,task:foo"` hides plugins by name or kind:name.
 """
@@ -26,9 +27,12 @@ from rlcore import hookspecs
 from rlcore.config import build_options
 from rlcore.errors import PluginError
 
-KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "extra", "tool_format")
+KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra", "tool_format")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
+MANY_KINDS = ("tracker", "extra")
+"""Kinds with any number of plugins per run (trackers as `trainer.log_to` selects, every enabled extra),
+registered under `kind:name` after the selected ones."""
 GROUP = "rlcore.{kind}"
 DISABLE_ENV = "RLCORE_DISABLE_PLUGINS"
 
@@ -77,10 +81,12 @@ def load(kind: str, name: str) -> type:
     """Import the plugin class `name` of `kind`, with an error that lists what is installed."""
     eps = entry_points(kind)
     names = available(kind)
-    flag = {"algo": "--algo ", "tool_format": "--set rollout.tool_format="}.get(kind, f"--{kind} ")
+    choose = {"tracker": "List them in --set trainer.log_to=[NAME,...]",
+              "tool_format": "Choose one with --set rollout.tool_format=NAME"}.get(
+                  kind, f"Choose one with --{kind} NAME")
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
-                          f"{', '.join(names) or '(none)'}. Choose one with {flag}NAME, "
+                          f"{', '.join(names) or '(none)'}. {choose}, "
                           f"or pip install the package that provides {name!r}.")
     if is_disabled(kind, name):
         raise PluginError(f"{kind} plugin {name!r} is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}; "
@@ -129,7 +135,7 @@ def instantiate(cls: type, options: dict[str, Any] | None, section: str) -> Any:
 
 
 class Registry:
-    """The run's plugin manager: one instance per selected kind plus the extras, behind typed access.
+    """The run's plugin manager: one instance per selected kind plus the trackers and extras, behind typed access.
 
     `registry.hook.<name>(...)` broadcasts as pluggy does; `registry.call(kind, name, ...)` calls one
     plugin's implementation alone (used for per-plugin checkpoint state).
@@ -150,7 +156,7 @@ class Registry:
 
     def register(self, kind: str, name: str, plugin: Any) -> None:
         """Add a plugin instance under `kind`; hook names are checked against the contract."""
-        key = kind if kind != "extra" else f"extra:{name}"
+        key = f"{kind}:{name}" if kind in MANY_KINDS else kind
         try:
             self.pm.register(plugin, name=key)
             self.pm.check_pending()
@@ -177,7 +183,8 @@ class Registry:
         return result
 
     def keys(self) -> list[str]:
-        """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, extras)."""
+        """Registered plugin keys in setup order (placement, hardware, backend, rollout, task, algo, then
+        trackers and extras in registration order)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}
         return sorted(self.plugins, key=lambda k: order.get(k, len(order)))
 

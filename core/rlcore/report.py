@@ -1,4 +1,5 @@
-"""`rlcore report`: the reward, length, loss and KL/entropy curves of a run, drawn to one PNG."""
+"""`rlcore report`'s PNG: the reward, length, loss and entropy curves of a run (the HTML page is
+`rlcore.report_page`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ PANELS = (("reward/mean", "reward/std", "reward"), ("response_length/mean", None
           ("loss", None, "loss"), ("entropy", None, "entropy"))
 
 
-def draw(run_dir: Path, out: Path | None = None) -> Path:
-    """Plot `run_dir/metrics.jsonl` into `out` (default `run_dir/report.png`) and return the path."""
+def read_rows(run_dir: Path) -> list[dict]:
+    """The steps of `run_dir/metrics.jsonl`, or an error that says what to pass instead."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise RLCoreError(f"{path} does not exist: pass the run directory of an `rlcore run` (its --run-dir)")
     rows = MetricsLog.read(path)
     if not rows:
         raise RLCoreError(f"{path} holds no steps yet: run at least one step first")
+    return rows
+
+
+def draw(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot `run_dir/metrics.jsonl` into `out` (default `run_dir/report.png`) and return the path."""
+    rows = read_rows(run_dir)
     try:
         import matplotlib
     except ImportError:

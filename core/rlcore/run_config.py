@@ -47,6 +47,14 @@ class TrainerOptions:
     """Sampling temperature of evaluation (0: greedy)."""
     log_every: int = attrs.field(default=10, validator=check_range(1))
     """Print a progress line every N steps when the output is not a terminal."""
+    log_to: list[str] = attrs.field(factory=list)
+    """Experiment trackers this run records to (tracker plugins, e.g. [tensorboard, wandb]; `rlcore plugins`
+    lists the installed ones); an installed tracker is never active unless listed here."""
+    generations_every: int = attrs.field(default=10, validator=check_range(0))
+    """Log a table of sampled generations every N steps and at each evaluation (0: never) to
+    `generations.jsonl` and every tracker."""
+    generations_samples: int = attrs.field(default=4, validator=check_range(1))
+    """Samples per generation table, spread evenly over the step's batch."""
 
 
 @attrs.define
@@ -86,6 +94,10 @@ class ResolvedConfig:
     extras: dict[str, type]
     """Enabled extra plugins by name (an extra that fails to import is skipped with a warning)."""
     warnings: list[str] = attrs.field(factory=list)
+    trackers: dict[str, type] = attrs.field(factory=dict)
+    """Tracker plugins `trainer.log_to` selects, by name, in its order."""
+    tracker_options: dict[str, Any] = attrs.field(factory=dict)
+    """Typed options per selected tracker (section `tracker.<name>`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, loadable again with `--config` (the run directory's config.yaml)."""
@@ -94,10 +106,12 @@ class ResolvedConfig:
                                "sampling": options_to_dict(self.sampling)}
         for kind, opts in self.options.items():
             out[kind] = options_to_dict(opts)
+        if self.trackers:
+            out["tracker"] = {name: options_to_dict(opts) for name, opts in self.tracker_options.items()}
         return out
 
 
-KNOWN_SECTIONS = {"plugins", "trainer", "sampling", *plugins.SELECTED_KINDS, "extra"}
+KNOWN_SECTIONS = {"plugins", "trainer", "sampling", *plugins.SELECTED_KINDS, "tracker", "extra"}
 
 
 EMBEDDED_PRESET: dict[str, dict[str, Any]] = {
@@ -147,8 +161,24 @@ def resolve(raw: dict[str, Any]) -> ResolvedConfig:
             extras[name] = plugins.load("extra", name)
         except Exception as e:  # noqa: BLE001 - a broken extra never breaks a run
             warnings.append(f"extra plugin {name!r} skipped: {e}")
+    trainer = build_options(TrainerOptions, raw.get("trainer"), "trainer")
+    trackers, tracker_options = _trackers(trainer.log_to, raw.get("tracker"), warnings)
     return ResolvedConfig(
-        selection={k: str(v) for k, v in selection.items()}, classes=classes,
-        trainer=build_options(TrainerOptions, raw.get("trainer"), "trainer"),
+        selection={k: str(v) for k, v in selection.items()}, classes=classes, trainer=trainer,
         sampling=build_options(SamplingOptions, raw.get("sampling"), "sampling"),
-        options=options, extras=extras, warnings=warnings)
+        options=options, extras=extras, warnings=warnings, trackers=trackers, tracker_options=tracker_options)
+
+
+def _trackers(names: list[str], raw: Any, warnings: list[str]) -> tuple[dict[str, type], dict[str, Any]]:
+    """Load the trackers `trainer.log_to` names and build their options from section `tracker.<name>`;
+    options of a tracker the run does not select are dropped with a warning."""
+    sections = raw or {}
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ConfigError("tracker: expected one mapping per tracker, e.g. tracker.wandb.project=NAME")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"trainer.log_to={names}: a tracker is listed twice")
+    classes = {name: plugins.load("tracker", name) for name in names}
+    for name in sorted(set(sections) - set(classes)):
+        warnings.append(f"tracker.{name} options ignored: {name!r} is not in trainer.log_to {names}")
+    return classes, {name: build_options(plugins.options_class(cls), sections.get(name), f"tracker.{name}")
+                     for name, cls in classes.items()}

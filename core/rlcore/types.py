@@ -263,6 +263,12 @@ class Weights:
     """True when `named_tensors` yields only LoRA adapter weights (see `adapter_config`)."""
     adapter_config: dict[str, Any] | None = None
 
+    def snapshot(self) -> Weights:
+        """A copy that later optimizer steps do not change (detached clones, no live module): asynchronous
+        rollouts load a policy version after the trainer has moved on."""
+        tensors = {name: tensor.detach().clone() for name, tensor in self.named_tensors()}
+        return attrs.evolve(self, named_tensors=lambda: iter(tensors.items()), module=None)
+
 
 @attrs.define
 class ModelSpec:

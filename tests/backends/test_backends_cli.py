@@ -22,6 +22,7 @@ def rlcore(*args: object, launcher: list[str] | None = None) -> subprocess.Compl
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if launcher else None
     proc = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{' '.join(command)} {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "terminate called" not in proc.stderr, proc.stderr  # a rank that aborted in teardown
     return proc
 
 

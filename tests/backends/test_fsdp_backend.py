@@ -29,8 +29,9 @@ from rlcore_backends.update.fsdp.backend import FSDPBackend
 from rlcore_backends.rollout.hf.rollout import HFRollout
 from rlcore_backends.update.torch.backend import TorchBackend
 
-OPTIONS = {"lr": 1e-3, "micro_batch_tokens": 40, "warmup_steps": 2, "weight_decay": 0.01}
-"""Shared by both backends: a budget of 40 tokens gives 2-3 samples per micro-batch."""
+OPTIONS = {"lr": 1e-3, "micro_batch_tokens": 40, "warmup_steps": 2, "weight_decay": 0.01,
+           "lr_scheduler_type": "cosine", "min_lr_ratio": 0.1, "total_training_steps": 6}
+"""Shared by both backends: a budget of 40 tokens gives 2-3 samples per micro-batch; warmup then cosine decay."""
 
 
 @pytest.fixture(scope="module")

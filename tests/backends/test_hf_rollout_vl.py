@@ -25,15 +25,14 @@ from rlcore_backends.common.vision import cut_at_placeholders, load_processor, v
 
 from policy_losses import TokenMeanPG
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-GEO = SHARED / "geometry3k"
-QWEN3 = SHARED / "tokenizers" / "qwen3"
+REPO = Path(__file__).resolve().parents[2]
+GEO = REPO / "examples" / "data" / "geo3k"
+"""10 real Geometry3K problems with their diagrams (train.jsonl: 8, test.jsonl: 2)."""
+QWEN3 = REPO / "tests" / "data" / "qwen3-tokenizer"
 
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory) -> Path:
-    if not QWEN3.exists() or not GEO.exists():
-        pytest.fail(f"the shared test data is missing ({QWEN3}, {GEO})")
     return build_tiny_vl_model(tmp_path_factory.mktemp("vl") / "model", seed=0, tokenizer=str(QWEN3))
 
 
@@ -52,7 +51,7 @@ def rollout(ctx) -> HFRollout:
 @pytest.fixture(scope="module")
 def prompts() -> list[Prompt]:
     """Three real problems; their texts and diagrams differ in size, so prompts are left-padded."""
-    rows = [json.loads(line) for line in (GEO / "problems.jsonl").read_text().splitlines()][:3]
+    rows = [json.loads(line) for line in (GEO / "train.jsonl").read_text().splitlines()][:3]
     return [Prompt(messages=[{"role": "user", "content": [{"type": "image"},
                                                           {"type": "text", "text": r["problem_text"] * (i + 1)}]}],
                    answer=r["answer_value"], id=str(r["id"]), images=[Image.open(GEO / r["image"]).convert("RGB")])

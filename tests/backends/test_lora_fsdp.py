@@ -21,7 +21,8 @@ from rlcore.testing import make_context
 from rlcore_backends.common.adapters import load_adapters
 from rlcore_backends.update.lora.backend import ADAPTER_DIR, LoRABackend
 
-OPTIONS = {"lr": 1e-2, "rank": 4, "alpha": 8.0, "micro_batch_tokens": 40, "warmup_steps": 2, "weight_decay": 0.01}
+OPTIONS = {"lr": 1e-2, "rank": 4, "alpha": 8.0, "micro_batch_tokens": 40, "warmup_steps": 2, "weight_decay": 0.01,
+           "lr_scheduler_type": "linear", "min_lr_ratio": 0.2, "total_training_steps": 6}
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,9 @@ def megatron_on_cpu() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-TRAINING = {"lr": 1e-3, "max_grad_norm": 0.1}
-"""Options shared by a Megatron backend and its torch twin: big steps, clipped gradients."""
+TRAINING = {"lr": 1e-3, "max_grad_norm": 0.1, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.5,
+            "total_training_steps": 4}
+"""Options shared by a Megatron backend and its torch twin: big steps, clipped gradients, a cosine LR."""
 
 
 class PGWithEntropy(PolicyLoss):

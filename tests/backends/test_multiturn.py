@@ -23,13 +23,11 @@ from rlcore_backends.rollout.multiturn import argument_errors, truncate_text, tu
 from rlcore_backends.rollout.toolformats.hermes import Hermes
 from scripted import LOGPROB, ScriptedEngine
 
-QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers" / "qwen3"
+QWEN3 = Path(__file__).resolve().parents[1] / "data" / "qwen3-tokenizer"
 
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    if not QWEN3.is_dir():
-        pytest.fail(f"the Qwen3 tokenizer is missing at {QWEN3} (the shared test data)")
     return AutoTokenizer.from_pretrained(QWEN3)
 
 

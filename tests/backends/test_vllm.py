@@ -30,7 +30,7 @@ from rlcore_backends.rollout.vllm.rollout import VLLMRollout
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install 'rlcore-backends[vllm]')")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers" / "qwen3"
+QWEN3 = Path(__file__).resolve().parents[1] / "data" / "qwen3-tokenizer"
 ATOL = 1e-4
 """fp32 logprobs of vLLM and transformers on the same weights agree to about 1e-5."""
 
@@ -38,7 +38,7 @@ ATOL = 1e-4
 def build_qwen(directory: Path, tied: bool = True, seed: int = 0) -> Path:
     """A 2-layer random Qwen2 (head size 64, which vLLM's CPU attention supports) with the Qwen3 tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(QWEN3 / name, directory / name)
     config = Qwen2Config(vocab_size=151669, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,

@@ -1,7 +1,7 @@
 """Smoke test of `benchmarks/trl_compare.py`: one round of one step of rlcore and TRL on the 5M model.
 
 Needs trl (1.16) importable, in this interpreter, in $RLCORE_TRL_PYTHON or in the repository's
-`.venv-trl` (see the harness's `--trl-python`), and the shared Qwen tokenizer.
+`.venv-trl` (see the harness's `--trl-python`); the Qwen3 tokenizer ships in tests/data.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "benchmarks" / "trl_compare.py"
 sys.path.insert(0, str(HARNESS.parent))
 
-import _trl_common  # noqa: E402
 from trl_compare import trl_python  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -33,8 +32,6 @@ def trl_interpreter() -> str:
         pytest.skip("trl is not importable (neither here, in $RLCORE_TRL_PYTHON nor in .venv-trl): "
                     "python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 'trl==1.16.*' "
                     "and the rlcore packages (-e . -e plugins/...)")
-    if not (_trl_common.QWEN_TOKENIZER / "tokenizer.json").exists():
-        pytest.skip(f"the shared Qwen tokenizer is missing: {_trl_common.QWEN_TOKENIZER}")
     return python
 
 

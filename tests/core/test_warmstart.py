@@ -112,3 +112,4 @@ def test_a_task_without_demonstrations_is_a_one_line_error(tmp_path: Path) -> No
     r = CliRunner().invoke(main, ["warmstart", "--task", "math", "--out", str(tmp_path / "ws"), "--steps", "1",
                                   "--set", f"task.path={EXAMPLE.parents[1] / 'data' / 'math'}"])
     assert r.exit_code == 2 and "offers no demonstrations" in r.output, r.output
+

@@ -1,32 +1,45 @@
-"""`--model` with real assets: SmolLM2-135M-Instruct (GGUF) from ../shared/data, and a local directory."""
+"""`--model` with a GGUF file (a tiny llama.cpp-style one built by the test) and with a local directory."""
 
 from pathlib import Path
 
-import pytest
+import torch
 from rlcore_cli import rlcore
+from tiny_gguf import build_tiny_gguf
 
 from rlcore.metrics import MetricsLog
 
-SMOLLM = Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "smollm2-135m-instruct-q4_1"
-GGUF = SMOLLM / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+def test_gguf_model_is_dequantised_into_the_run_and_trains(tmp_path: Path) -> None:
+    """A Q4_1/Q8_0 GGUF with its own tokenizer and chat template is de-quantised into the run directory (the
+    weights within the quantisation step of the float model it was written from, Q/K rows un-permuted),
+    trains a step in the chat style, and its checkpoint loads back as a plain transformers Llama. ~10 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-@pytest.mark.slow
-@pytest.mark.skipif(not GGUF.exists(), reason="needs ../shared/data (the SmolLM2 GGUF asset)")
-def test_gguf_model_trains_and_answers(tmp_path):
-    """The GGUF is de-quantised once into the run directory; greedy answers are right about half the time."""
-    run_dir = tmp_path / "smollm"
-    rlcore("run", "--model", GGUF, "--run-dir", run_dir, "--steps", 1, "--set", "task.style=instruct",
-           "--set", "sampling.max_new_tokens=16", "--set", "trainer.prompts_per_step=8", "--set", "sampling.n=2",
-           "--set", "sampling.temperature=0", "--set", "backend.lr=1e-5", "--set", "trainer.save_every=0")
+    gguf_file = tmp_path / "tiny.Q4_1.gguf"
+    original = build_tiny_gguf(gguf_file)
+    run_dir = tmp_path / "run"
+    rlcore("run", "--model", gguf_file, "--run-dir", run_dir, "--steps", 1, "--set", "task.style=instruct",
+           "--set", "sampling.max_new_tokens=8", "--set", "trainer.prompts_per_step=4", "--set", "sampling.n=2",
+           "--set", "backend.lr=1e-3", "--set", "trainer.save_every=0")
     row = MetricsLog.read(run_dir / "metrics.jsonl")[0]
-    assert row["reward/mean"] >= 0.25, row
-    assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "model" / "tokenizer.json").exists()
-    # the saved checkpoint loads back as a plain transformers model
-    from transformers import AutoModelForCausalLM
+    assert row["step"] == 1 and 0.0 <= row["reward/mean"] <= 1.0, row
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_000001" / "backend" / "model")
-    assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
+    model_dir = run_dir / "model"
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    dequantised = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    for name, weight in original.state_dict().items():
+        # Q4_1 rounds each block of 32 to one of 16 levels spanning the block (at most the tensor's range)
+        step = float(weight.max() - weight.min()) / 15
+        assert float((dequantised[name] - weight).abs().max()) <= step / 2 * 1.01 + 1e-4, name
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("What is 3")["input_ids"])[:2] == ["Wh", "at"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_000001" / "backend" / "model")
+    assert trained.config.model_type == "llama" and trained.num_parameters() == original.num_parameters()
 
 
 def test_local_model_directory(tmp_path, rlcore_tiny_model):

@@ -24,7 +24,7 @@ from rlcore_tasks.codefiles import to_prompt
 from rlcore_tasks.datafiles import BadRow
 from rlcore_tasks.sandbox import SandboxError
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 HUMANEVAL = DATA / "humaneval" / "HumanEval.jsonl"
 MBPP = DATA / "mbpp" / "mbpp.jsonl"
 SLOW_MBPP = "mbpp/123"
@@ -37,8 +37,6 @@ def task(**options: object) -> Code:
 
 
 def rows(path: Path) -> list[dict]:
-    if not path.exists():
-        pytest.fail(f"{path} is missing (the shared test data)")
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -279,8 +277,8 @@ def test_no_code_and_malformed_problems(code_task):
 def test_equal_programs_in_a_batch_run_once(monkeypatch):
     t = task()
     calls = []
-    run = t.sandbox.run
-    monkeypatch.setattr(t.sandbox, "run", lambda program, stdin="": calls.append(1) or run(program, stdin))
+    call = t.sandbox.call
+    monkeypatch.setattr(t.sandbox, "call", lambda *args: calls.append(1) or call(*args))
     p = asserts(["assert f() == 1"])
     right, wrong = "```python\ndef f(): return 1\n```", "```python\ndef f(): return 2\n```"
     s = scored(t, [right, wrong, right, right, wrong, right], [p] * 6)
@@ -288,11 +286,37 @@ def test_equal_programs_in_a_batch_run_once(monkeypatch):
     t.teardown()
 
 
+def test_the_sandbox_never_sees_the_tests(monkeypatch, code_task):
+    """What enters the sandbox is the solution, the tests' import lines and the calls: no expected value,
+    no assert, no test source, for HumanEval and MBPP alike."""
+    seen = []
+    call = code_task.sandbox.call
+    monkeypatch.setattr(code_task.sandbox, "call", lambda *args: seen.append(repr(args)) or call(*args))
+    mbpp = asserts(["import math\nassert f(2) == 'EXPECTED-A'", "assert math.isclose(g(2.0), 17.25)"])
+    humaneval = asserts(["def check(candidate):\n    assert candidate(3) == 8123\n\ncheck(h)\n"],
+                        prefix="def h(x):\n    \"\"\"Return something.\"\"\"\n", entry_point="h")
+    code = "```python\ndef f(x):\n    return 'EXPECTED-A'\ndef g(x):\n    return 17.25\ndef h(x):\n    return 8123\n```"
+    assert scored(code_task, [code, code], [mbpp, humaneval]).rewards.tolist() == [1.0, 1.0]
+    assert len(seen) == 2 and any("import math" in text for text in seen)
+    assert not any(word in text for text in seen for word in ("assert", "isclose", "check", "8123)", "17.25)"))
+
+
+def test_calls_that_take_earlier_results_and_objects_of_the_solution(code_task):
+    """A second sandbox run answers calls whose arguments are earlier results; the solution's own objects
+    (built by the setup code, as in MBPP 367) stay in the sandbox and are passed by reference."""
+    nested = asserts(["assert f(f(1)) == 3", "assert f(1) + f(2) == 5"])
+    tree = asserts(["assert depth(root) == 2", "assert depth(Node(0)) == 1"], setup="root = Node(1)\nroot.left = Node(2)")
+    node = ("```python\nclass Node:\n    def __init__(self, v):\n        self.v, self.left = v, None\n"
+            "def depth(n):\n    return 0 if n is None else 1 + depth(n.left)\n```")
+    s = scored(code_task, ["```python\ndef f(x):\n    return x + 1\n```", node], [nested, tree])
+    assert s.rewards.tolist() == [1.0, 1.0]
+
+
 def test_a_failing_sandbox_counts_as_a_reward_error(monkeypatch, code_task):
-    def broken(program: str, stdin: str = ""):
+    def broken(*args):
         raise SandboxError("the service is down")
 
-    monkeypatch.setattr(code_task.sandbox, "run", broken)
+    monkeypatch.setattr(code_task.sandbox, "call", broken)
     s = scored(code_task, ["```python\ndef f(): return 1\n```"], [asserts(["assert f() == 1"])])
     assert s.rewards.tolist() == [0.0] and s.info[0]["reward_error"] == 1.0
 

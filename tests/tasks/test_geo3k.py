@@ -1,5 +1,5 @@
-"""The geo3k task on the real Geometry3K problems (../shared/data/geometry3k): loading with diagrams (the
-shared jsonl, hiyouga/geometry3k and verl parquet rows), bad rows, scoring (accuracy + format), registration,
+"""The geo3k task on 10 real Geometry3K problems with their diagrams (examples/data/geo3k): loading (its
+jsonl, hiyouga/geometry3k and verl parquet rows), bad rows, scoring (accuracy + format), registration,
 and a full `rlcore run` with a tiny random Qwen2.5-VL built on the real Qwen tokenizer."""
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from rlcore.plugins import available
 from rlcore.testing import make_batch
 from rlcore_tasks.geo3k import INSTRUCTION, TOOL_SYSTEM_PROMPT, Geo3K, to_content
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-GEO = SHARED / "geometry3k"
-PROBLEMS = GEO / "problems.jsonl"
-QWEN3 = SHARED / "tokenizers" / "qwen3"
+REPO = Path(__file__).resolve().parents[2]
+GEO = REPO / "examples" / "data" / "geo3k"
+TRAIN, TEST = GEO / "train.jsonl", GEO / "test.jsonl"
+"""Problems 11-18 and 19-20 of Geometry3K, images relative to GEO."""
+QWEN3 = REPO / "tests" / "data" / "qwen3-tokenizer"
 
 
 def task(**options: object) -> Geo3K:
@@ -33,7 +34,12 @@ def task(**options: object) -> Geo3K:
 
 
 def rows() -> list[dict]:
-    return [json.loads(line) for line in PROBLEMS.read_text().splitlines()]
+    return [json.loads(line) for path in (TRAIN, TEST) for line in path.read_text().splitlines()]
+
+
+def problems(t: Geo3K) -> list[Prompt]:
+    """All 10 problems: the train split, then the test split."""
+    return [*t.dataset("train"), *t.dataset("test")]
 
 
 def png_bytes(path: Path) -> bytes:
@@ -42,9 +48,7 @@ def png_bytes(path: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def real() -> Geo3K:
-    if not PROBLEMS.exists():
-        pytest.fail(f"Geometry3K is missing at {GEO} (the shared test data)")
-    t = task(train_path=str(PROBLEMS), test_path=str(PROBLEMS))
+    t = task(train_path=str(TRAIN), test_path=str(TEST))
     yield t
     t.teardown()
 
@@ -64,7 +68,7 @@ def answer(text: str) -> str:
 # ---- the real problems -------------------------------------------------------------------------------
 
 def test_real_problems_load_with_their_diagrams(real):
-    prompts, source = real.dataset("train"), rows()
+    prompts, source = problems(real), rows()
     assert len(prompts) == len(source) == 10
     for p, row in zip(prompts, source):
         assert len(p.images) == 1 and p.images[0].mode == "RGB"
@@ -82,7 +86,7 @@ def test_real_problems_load_with_their_diagrams(real):
 
 
 def test_every_right_answer_scores_full_and_every_wrong_choice_scores_only_the_format(real):
-    prompts = real.dataset("train")
+    prompts = problems(real)
     for p in prompts:
         wrong = [c for c in p.meta["choices"] if c != p.answer]
         letters = [chr(65 + i) for i, c in enumerate(p.meta["choices"]) if c != p.answer]
@@ -95,7 +99,7 @@ def test_every_right_answer_scores_full_and_every_wrong_choice_scores_only_the_f
 
 
 def test_values_are_checked_mathematically(real):
-    by_answer = {p.answer: p for p in real.dataset("train")}
+    by_answer = {p.answer: p for p in problems(real)}
     sqrt = by_answer["5 \\sqrt { 3 }"]
     frac = by_answer["\\frac { 2 \\sqrt { 2 } } { 5 }"]
     ten = by_answer["10"]
@@ -118,7 +122,7 @@ def test_format_needs_think_then_boxed(real):
 
 
 def test_weights_are_options():
-    t = task(train_path=str(PROBLEMS), accuracy_weight=1.0, format_weight=0.5)
+    t = task(train_path=str(TRAIN), accuracy_weight=1.0, format_weight=0.5)
     try:
         p = t.dataset("train")[0]
         info = scores(t, [answer(p.answer), f"\\boxed{{{p.answer}}}", "<think>x</think> \\boxed{no}"], [p] * 3)
@@ -141,7 +145,7 @@ def test_malformed_answers_score_zero_accuracy(real):
 # ---- multi-turn: verl's calc_geo3k_reward tool ---------------------------------------------------------
 
 def test_multi_turn_offers_the_answer_check_tool():
-    t = task(train_path=str(PROBLEMS), multi_turn=True)
+    t = task(train_path=str(TRAIN), multi_turn=True)
     try:
         p = t.dataset("train")[0]
         assert p.messages[0] == {"role": "system", "content": TOOL_SYSTEM_PROMPT} and p.messages[1]["role"] == "user"
@@ -158,7 +162,7 @@ def test_multi_turn_offers_the_answer_check_tool():
         text = ("<think>check</think><tool_call>{}</tool_call><tool_response>\\boxed{80}</tool_response>"
                 " so \\boxed{30}")
         assert scores(t, [text], [p])[0]["correct"] == 0.0
-        assert task(train_path=str(PROBLEMS)).tools() == []
+        assert task(train_path=str(TRAIN)).tools() == []
     finally:
         t.teardown()
 
@@ -267,7 +271,7 @@ def test_verl_row_with_wrong_placeholder_count_is_bad(tmp_path):
 def test_registered_and_unknown_split():
     assert "geo3k" in available("task")
     with pytest.raises(DataError, match="no split 'val'"):
-        task(train_path=str(PROBLEMS)).dataset("val")
+        task(train_path=str(TRAIN)).dataset("val")
 
 
 # ---- a full run with a tiny Qwen2.5-VL on the real problems -------------------------------------------
@@ -283,7 +287,7 @@ def tiny_vl(tmp_path_factory) -> Path:
 def test_rlcore_run_trains_a_tiny_vl_model_on_the_real_problems(tiny_vl, tmp_path):
     run = tmp_path / "run"
     args = ["run", "--task", "geo3k", "--model", str(tiny_vl), "--run-dir", str(run),
-            "--set", f"task.train_path={PROBLEMS}", "--set", f"task.test_path={PROBLEMS}",
+            "--set", f"task.train_path={TRAIN}", "--set", f"task.test_path={TEST}",
             "--set", "trainer.steps=2", "--set", "trainer.prompts_per_step=2", "--set", "sampling.n=3",
             "--set", "sampling.max_new_tokens=12", "--set", "backend.lr=1e-3", "--set", "trainer.save_every=0"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)

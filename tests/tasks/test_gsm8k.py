@@ -1,5 +1,6 @@
-"""The gsm8k task on the real GSM8K files: loading (jsonl, verl parquet), bad rows, prompts, rewards,
-multi-turn tools, options and registration."""
+"""The gsm8k task on real GSM8K rows (the first rows of each split, and every row whose answer has a
+thousands separator or a minus sign): loading (jsonl, verl parquet), bad rows, prompts, rewards, multi-turn
+tools, options and registration."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from rlcore.plugins import Registry, instantiate, load
 from rlcore.testing import check_task, make_batch
 from rlcore_tasks.gsm8k import GSM8K, INSTRUCTION, TOOL_SYSTEM_PROMPT
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "examples" / "data" / "gsm8k"
+"""The first 64 train and 16 test rows of GSM8K."""
+SIGNED_ROWS = REPO / "tests" / "data" / "gsm8k"
+"""Every other GSM8K row whose final answer has a thousands separator or a minus sign (82 train, 16 test)."""
 
 
 def task(**options: object) -> GSM8K:
@@ -44,21 +49,25 @@ def raw_rows(split: str, count: int) -> list[dict]:
         return [json.loads(next(f)) for _ in range(count)]
 
 
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
 @pytest.fixture(scope="module")
 def real() -> GSM8K:
-    if not (DATA / "train.jsonl").exists():
-        pytest.fail(f"GSM8K is missing at {DATA} (the shared test data)")
     return task(path=str(DATA))
 
 
 # ---- the real files ------------------------------------------------------------------------------------
 
-def test_real_files_load_fully_and_every_reference_solution_scores_one(real):
-    train, test = real.dataset("train"), real.dataset("test")
-    assert (len(train), len(test)) == (7473, 1319)
+@pytest.mark.parametrize("folder", [DATA, SIGNED_ROWS], ids=["first-rows", "signed-rows"])
+def test_real_rows_load_fully_and_every_reference_solution_scores_one(folder):
+    t = task(path=str(folder))
+    train, test = t.dataset("train"), t.dataset("test")
+    assert (len(train), len(test)) == (line_count(folder / "train.jsonl"), line_count(folder / "test.jsonl"))
     prompts = list(train) + list(test)
     assert len({p.id for p in prompts}) == len(prompts)
-    scores = scored(real, [p.meta["solution"] for p in prompts], prompts)
+    scores = scored(t, [p.meta["solution"] for p in prompts], prompts)
     assert scores.rewards.tolist() == [1.0] * len(prompts)
     assert all(i["correct"] == 1.0 and i["format"] == 1.0 and i["reward_error"] == 0.0 for i in scores.info)
 
@@ -72,9 +81,12 @@ def test_prompts_follow_verls_template(real):
     assert INSTRUCTION == 'Let\'s think step by step and output the final answer after "####".'
 
 
-def test_answers_with_commas_are_plain_numbers(real):
-    with_commas = [p for p in real.dataset("train") if "," in p.meta["solution"].rsplit("####", 1)[1]]
-    assert with_commas and all(p.answer.lstrip("-").isdigit() for p in with_commas)
+def test_answers_with_commas_are_plain_numbers_and_keep_their_sign():
+    signed = list(task(path=str(SIGNED_ROWS)).dataset("train"))
+    with_commas = [p for p in signed if "," in p.meta["solution"].rsplit("####", 1)[1]]
+    assert len(with_commas) == 79 and all(p.answer.isdigit() for p in with_commas)
+    negative = [p for p in signed if p.meta["solution"].rsplit("####", 1)[1].strip().startswith("-")]
+    assert len(negative) == 3 and all(p.answer.startswith("-") and p.answer[1:].isdigit() for p in negative)
 
 
 def test_split_files_and_explicit_paths(tmp_path):
@@ -270,7 +282,7 @@ def test_registered_as_the_gsm8k_task_with_a_test_split_for_eval():
     registry = Registry()
     registry.register("task", "gsm8k", instantiate(cls, {"path": str(DATA)}, "task"))
     prompts = registry.hook.dataset(split="test")
-    assert len(prompts) == 1319
+    assert len(prompts) == line_count(DATA / "test.jsonl")
     batch = make_batch(groups=2, n=2)
     batch.prompts = [prompts[0], prompts[0], prompts[1], prompts[1]]
     batch.texts = [f"#### {prompts[0].answer}", "#### -1", f"#### {prompts[1].answer}", ""]

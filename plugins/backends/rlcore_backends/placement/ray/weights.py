@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -19,6 +20,18 @@ class WeightsHandle:
 
     source: Any
     """The `Worker` hosting the backend."""
+    export: Callable[[], tuple[Any, float]] | None = None
+    """Puts the backend's current weights in the object store: (reference, megabytes)."""
+    ref: Any = None
+    """Set by `snapshot`: the exported weights, which later optimizer steps do not change."""
+    megabytes: float = 0.0
+
+    def snapshot(self) -> WeightsHandle:
+        """Export the weights now (asynchronous rollouts load this version after the trainer moved on)."""
+        if self.export is None:
+            raise ValueError("this weights handle cannot export its weights")
+        ref, megabytes = self.export()
+        return attrs.evolve(self, ref=ref, megabytes=megabytes)
 
 
 @attrs.define

@@ -11,8 +11,6 @@ the single-process torch backend's step on the same batch up to float rounding.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ from rlcore.context import RunContext
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
 from rlcore_backends.update.fsdp.worker import DCP_DIR, FSDPWorker, LoRASpec, RankSpec, torchrun_rank
 from rlcore_backends.common.micro_batches import rank_shards
-from rlcore_backends.common.train_options import TrainOptions
+from rlcore_backends.common.train_options import TrainOptions, with_run_length
 from rlcore_backends.common.worker_group import SpawnedGroup, TorchrunGroup, serve_ranks
 
 
@@ -68,18 +66,14 @@ class FSDPBackend:
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
         """Start the ranks (each loads and shards the policy, builds its AdamW shard) and wait until all are ready."""
-        opts = self.options
+        opts = self.options = with_run_length(self.options, ctx.config)
         launched = torchrun_rank()
         if launched is not None:
             rank, local_rank, world_size = launched
             worker = FSDPWorker(self._rank_spec(ctx, rank, local_rank, world_size))
             if rank != 0:
-                serve_ranks(worker)  # this rank served rank 0's run (the loop runs only there) and closed
-                sys.stdout.flush()
-                sys.stderr.flush()
-                # Skip interpreter teardown: gloo's threads could abort it ("terminate called without an
-                # active exception", seen once in CI) after the process group was already destroyed.
-                os._exit(0)
+                serve_ranks(worker)
+                raise SystemExit(0)  # this rank served rank 0's run (the loop runs only there) and closed
             self.group = TorchrunGroup(worker)
             return
         threads = max(1, torch.get_num_threads() // opts.world_size)

@@ -9,6 +9,7 @@ gradients in every backward.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from collections import defaultdict
@@ -204,7 +205,17 @@ class FSDPWorker:
         return self.steps
 
     def close(self) -> None:
+        """Leave the process group and free it before this process exits. Freeing joins gloo's worker
+        threads; `destroy_process_group` alone does not, since FSDP's device mesh keeps the group alive
+        (and DTensor's caches keep the mesh). A worker thread left running may still be releasing the
+        last collective's tensors, which needs the GIL: during interpreter finalization that kills the
+        thread inside a noexcept destructor and the process aborts ("terminate called without an active
+        exception") after a run that succeeded."""
         dist.destroy_process_group()
+        # the mesh's own references to its groups (torch >= 2.9; no public API drops them)
+        getattr(self.mesh, "_pg_registry", {}).clear()
+        self.model = self.reference = self.optimizer = self.scheduler = self.mesh = None
+        gc.collect()  # FSDP's modules and hooks form cycles that hold the group too
 
     # ---- one optimizer step -----------------------------------------------------------------------
 

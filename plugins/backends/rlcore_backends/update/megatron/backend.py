@@ -24,7 +24,7 @@ from rlcore import PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
 from rlcore.config import check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
-from rlcore_backends.common.train_options import OptimizerOptions
+from rlcore_backends.common.train_options import OptimizerOptions, with_run_length
 from rlcore_backends.update.megatron import checkpoint as ckpt
 from rlcore_backends.update.megatron.convert import Layout, hf_from_shards
 from rlcore_backends.update.megatron.model import check_installed
@@ -70,7 +70,7 @@ class MegatronBackend:
     def setup(self, ctx: RunContext) -> None:
         """Start tp x pp workers on the hardware plugin's devices; each loads its shard of the policy."""
         check_installed()
-        opts = self.options
+        opts = self.options = with_run_length(self.options, ctx.config)
         if opts.sequence_parallel and (opts.tp < 2 or not opts.transformer_engine):
             raise ConfigError("backend.sequence_parallel needs backend.tp > 1 and backend.transformer_engine=true "
                               "(Megatron's local norm layers do not split the sequence)")

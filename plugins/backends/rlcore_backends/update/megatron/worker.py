@@ -32,7 +32,7 @@ from rlcore_backends.update.megatron.inputs import MicroInputs, pack
 from rlcore_backends.update.megatron.loss import vocab_parallel_logprobs
 from rlcore_backends.update.megatron.model import (build_gpt, freeze_padding_embedding, load_shard, shard_of,
                                             transformer_config)
-from rlcore_backends.common.train_options import warmup_factor
+from rlcore_backends.common.train_options import ScheduledLR, schedule_of
 
 
 @attrs.frozen
@@ -85,8 +85,7 @@ class Worker:
         self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(), self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.opts.lr, betas=tuple(self.opts.betas),
                                            eps=self.opts.eps, weight_decay=self.opts.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(warmup_factor, warmup_steps=self.opts.warmup_steps))
+        self.scheduler = ScheduledLR(self.optimizer, schedule_of(self.opts))
         self.reference: Any = None
         self.steps = 0
 

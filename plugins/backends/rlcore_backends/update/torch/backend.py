@@ -1,4 +1,4 @@
-"""Single-process PyTorch update backend: AdamW with warmup, gradient clipping, token-budget micro-batches.
+"""Single-process PyTorch update backend: AdamW with an LR schedule, gradient clipping, token-budget micro-batches.
 
 The policy's master weights stay float32; `dtype: bfloat16` runs forward passes under autocast. The
 reference model (a frozen copy of the starting policy) is loaded on the first reference `logprobs` call,
@@ -24,7 +24,8 @@ from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
-from rlcore_backends.common.train_options import TrainOptions, autocast, build_optimizer, enable_gradient_checkpointing
+from rlcore_backends.common.train_options import (TrainOptions, autocast, build_optimizer,
+                                                   enable_gradient_checkpointing, with_run_length)
 from rlcore_backends.common.weights import load_saved_weights
 
 class TorchBackend:
@@ -46,6 +47,7 @@ class TorchBackend:
     def setup(self, ctx: RunContext) -> None:
         """Load the policy (float32 master weights) on the hardware's device; build AdamW and the LR schedule."""
         self.device, self.spec = ctx.hardware.device(), ctx.model
+        self.options = with_run_length(self.options, ctx.config)
         self.model = self._load_policy(ctx)
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), self.options)
 
