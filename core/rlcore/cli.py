@@ -162,6 +162,8 @@ def warmstart(backend: str | None, task: str | None, hardware: str | None, model
         raise RLCoreError(f"--steps ({steps}) and --batch-size ({batch_size}) must be at least 1")
     if lr is not None:
         overrides = (*overrides, f"backend.lr={lr}")
+    # one optimizer step per warm-start step: an LR schedule (backend.lr_scheduler_type) spans the warm start
+    overrides = (*overrides, f"trainer.steps={steps}", "trainer.epochs=1", "trainer.mini_batches=1")
     cfg = _resolve(None, config_file, dict(backend=backend, task=task, hardware=hardware),
                    dict(model=model, seed=seed), overrides)
     if (out / "model").exists():

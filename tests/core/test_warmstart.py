@@ -113,3 +113,13 @@ def test_a_task_without_demonstrations_is_a_one_line_error(tmp_path: Path) -> No
                                   "--set", f"task.path={EXAMPLE.parents[1] / 'data' / 'math'}"])
     assert r.exit_code == 2 and "offers no demonstrations" in r.output, r.output
 
+
+def test_an_lr_schedule_spans_the_warm_start(tmp_path: Path) -> None:
+    """A linear decay runs over --steps (not the recipe's trainer.steps, 40), one optimizer step per step."""
+    out = tmp_path / "ws"
+    r = CliRunner().invoke(main, ["warmstart", "--config", str(EXAMPLE), "--out", str(out), "--steps", "4",
+                                  "--batch-size", "2", "--lr", "1e-3", "--set", "backend.lr_scheduler_type=linear"])
+    assert r.exit_code == 0, r.output
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["steps"] == 4
