@@ -86,7 +86,7 @@ def generation(rollout: Any, prompts: list[Prompt], params: SamplingParams) -> f
     best = 0.0
     for seed in (0, 1):
         start = time.perf_counter()
-        batch = rollout.sample(prompts=prompts, params=attrs.evolve(params, seed=seed), tools=[])
+        batch = rollout.sample(prompts=prompts, params=attrs.evolve(params, seed=seed), tools=[], interaction=None)
         best = max(best, int(batch.attention_mask.sum()) / (time.perf_counter() - start))
     return best
 

@@ -49,11 +49,11 @@ def gsm8k_prompts(count: int) -> list[Prompt]:
 
 def throughput(rollout: Any, prompts: list[Prompt], params: SamplingParams, repeats: int) -> tuple[float, int]:
     """Best generated tokens/s of `sample` over `repeats` calls (after a small warm-up call), and the tokens."""
-    rollout.sample(prompts=prompts[:2], params=SamplingParams(n=1, max_new_tokens=4), tools=[])
+    rollout.sample(prompts=prompts[:2], params=SamplingParams(n=1, max_new_tokens=4), tools=[], interaction=None)
     best, tokens = 0.0, 0
     for r in range(repeats):
         start = time.perf_counter()
-        batch = rollout.sample(prompts=prompts, params=attrs.evolve(params, seed=r), tools=[])
+        batch = rollout.sample(prompts=prompts, params=attrs.evolve(params, seed=r), tools=[], interaction=None)
         seconds = time.perf_counter() - start
         count = int(batch.attention_mask.sum())
         if count / seconds > best:

@@ -1,4 +1,4 @@
-"""The `rlcore` command: run, plugins, report, eval, export, convert."""
+"""The `rlcore` command: run, warmstart, plugins, report, eval, export, convert."""
 
 from __future__ import annotations
 
@@ -188,6 +188,63 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
     from rlcore.run_session import train
 
     train(cfg, run_dir, resume=resume is not None, changes=changes, overwrite=overwrite, trace=trace)
+
+
+@main.command()
+@_plugin_option("backend", "--backend")
+@_plugin_option("task", "--task")
+@click.option("--hardware", default=None, metavar="NAME", help="hardware plugin, or auto (default).")
+@click.option("--model", default=None, help="The model to fine-tune (default: trainer.model, else the embedded tiny model).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or TOML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one option.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory for the warm-started model (OUT/model), config.yaml, metrics.jsonl, warmstart.json.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Demonstrations per step.")
+@click.option("--lr", type=float, default=None, help="Learning rate (sets backend.lr for this command).")
+@click.option("--seed", type=int, default=None, help="Shortcut for --set trainer.seed=N.")
+@_user_errors
+def warmstart(backend: str | None, task: str | None, hardware: str | None, model: str | None,
+              config_file: Path | None, overrides: tuple[str, ...], out: Path, steps: int, batch_size: int,
+              lr: float | None, seed: int | None) -> None:
+    """Supervised warm start before RL: fine-tune on the task's demonstrations (assistant turns only).
+
+    Takes the same config as `rlcore run` (its backend, task, model and seed); writes OUT/model, which
+    `rlcore run --model OUT/model` trains on. E.g. a tiny model learns the syntax of a tool call here and,
+    with RL, when calling the tool pays.
+    """
+    import json
+
+    import attrs
+    import yaml
+
+    from rlcore.loop import make_context, open_registry
+    from rlcore.warmstart import warm_start
+
+    if steps < 1 or batch_size < 1:
+        raise RLCoreError(f"--steps ({steps}) and --batch-size ({batch_size}) must be at least 1")
+    if lr is not None:
+        overrides = (*overrides, f"backend.lr={lr}")
+    # one optimizer step per warm-start step: an LR schedule (backend.lr_scheduler_type) spans the warm start
+    overrides = (*overrides, f"trainer.steps={steps}", "trainer.epochs=1", "trainer.mini_batches=1")
+    cfg = _resolve(None, config_file, dict(backend=backend, task=task, hardware=hardware),
+                   dict(model=model, seed=seed), overrides)
+    if (out / "model").exists():
+        raise RLCoreError(f"{out / 'model'} exists already: pass another --out (a warm start never overwrites one)")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**cfg.to_dict(), "warmstart": {"steps": steps, "batch_size": batch_size}}
+    (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    registry = open_registry(cfg, ("hardware", "backend", "task"))
+    ctx = make_context(cfg, registry, out / "base")
+    try:
+        for key in registry.keys():
+            registry.call(key, "setup", ctx=ctx)
+        result = warm_start(registry, ctx, out, steps, batch_size, echo=click.echo)
+    finally:
+        registry.hook.teardown()
+    (out / "warmstart.json").write_text(json.dumps(attrs.asdict(result), indent=2) + "\n")
+    click.echo(f"nll {result.nll_start:.3f} -> {result.nll_end:.3f} over {steps} steps in {result.seconds:.0f} s")
+    click.echo(f"wrote {result.model}; next: rlcore run --model {result.model} ...")
 
 
 @main.command(name="plugins")

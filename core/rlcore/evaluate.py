@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from rich.progress import Progress
 
+from rlcore.errors import ConfigError
 from rlcore.plugins import Registry
 from rlcore.scoring import check_finite
 from rlcore.types import Prompt, RolloutBatch, SamplingParams, Scores
@@ -42,12 +44,22 @@ def is_correct(info: dict[str, float], reward: float) -> bool:
     return bool(info["correct"] >= 0.5) if "correct" in info else reward >= 1.0 - 1e-6
 
 
+def turn_inputs(registry: Registry) -> dict[str, Any]:
+    """The `tools` and `interaction` arguments of every `sample` call: the tools of every plugin and the
+    interaction of the one that offers it. An interaction the selected rollout cannot run stops the run."""
+    interaction = registry.hook.interaction()
+    if interaction is not None and not registry.accepts("rollout", "sample", "interaction"):
+        raise ConfigError(f"the task answers the model between turns (an interaction), which rollout "
+                          f"{registry.names.get('rollout', '?')!r} cannot run; choose the hf, vllm or sglang rollout")
+    return {"tools": [tool for tools in registry.hook.tools() for tool in (tools or [])], "interaction": interaction}
+
+
 def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingParams, ks: Sequence[int],
              chunk: int = 32, progress: bool = False,
              on_batch: Callable[[RolloutBatch, Scores], None] | None = None) -> EvalResult:
     """Sample `params.n` responses for each prompt, score them, and compute pass@k for every k in `ks`;
     `on_batch` sees every scored batch (the loop logs a generation table from it)."""
-    tools = [tool for tools in registry.hook.tools() for tool in (tools or [])]
+    turns = turn_inputs(registry)
     started = time.perf_counter()
     correct: list[int] = []
     rewards: list[float] = []
@@ -59,7 +71,7 @@ def evaluate(registry: Registry, prompts: Sequence[Prompt], params: SamplingPara
     try:
         for i in range(0, len(prompts), chunk):
             part = list(prompts[i:i + chunk])
-            batch = registry.require("rollout", "sample", prompts=part, params=params, tools=tools)
+            batch = registry.require("rollout", "sample", prompts=part, params=params, **turns)
             scores = registry.require("task", "score", batch=batch)
             check_finite(scores.rewards.float(), batch.prompts, registry.names.get("task", "?"), "evaluation")
             if on_batch is not None:

@@ -8,7 +8,7 @@ arguments (pluggy passes only those they name), so new arguments can be added wi
 Before anything starts (`rlcore run --dry-run` too), every selected plugin may refuse the combination through
 `check_run` (see `rlcore.preflight`). One step of the loop, in order:
     prompts = task.dataset("train")[...]                        (the core batches and shuffles)
-    batch   = rollout.sample(prompts, params, tools)
+    batch   = rollout.sample(prompts, params, tools, interaction)
     scores  = task.score(batch)                                  -> batch.rewards
     keep    = all(plugin.keep_groups(batch))                     (drop groups; the core samples again)
     loss    = algo.policy_loss()
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from rlcore.context import RunContext
-    from rlcore.types import PolicyLoss, Prompt, RolloutBatch, SamplingParams, Scores, Tool, UpdatePlan, Weights
+    from rlcore.types import (Interaction, PolicyLoss, Prompt, RolloutBatch, SamplingParams, Scores, Tool, UpdatePlan,
+                              Weights)
 
 hookspec = pluggy.HookspecMarker("rlcore")
 hookimpl = pluggy.HookimplMarker("rlcore")
@@ -133,7 +134,10 @@ def score(batch: RolloutBatch) -> Scores:
     use `rlcore.scoring.score_each`, which scores 0 and counts the error. After a multi-turn rollout,
     `batch.texts[i]` is the whole response as the chat template renders it (tool turns included) and
     `batch.info[i]` holds `turns`, `tool_calls`, `tool_errors` and `tool_reward` (the sum of the tools'
-    step rewards); whether `tool_reward` enters the reward is the task's choice."""
+    step rewards), and `messages`, the response's turns as chat messages (assistant text, tool and user
+    answers); with an interaction also `user_turns`, `turn_rewards` (one per interaction reply),
+    `interaction_reward` (their sum) and `interaction_score` (its final `score`). Whether tool or
+    interaction rewards enter the reward is the task's choice."""
 
 
 @hookspec
@@ -142,13 +146,30 @@ def tools() -> list[Tool]:
     multi-turn rollouts; an empty list means single-turn."""
 
 
+@hookspec(firstresult=True)
+def interaction() -> Interaction | None:
+    """Any plugin (usually the task), first result. The simulated user that answers assistant turns
+    calling no tool (e.g. "that's wrong, try again"), making the rollout multi-turn; None for none."""
+
+
+@hookspec(firstresult=True)
+def demonstrations(split: str) -> Sequence[list[dict[str, Any]]] | None:
+    """Task, first result. Worked conversations for `rlcore warmstart` (supervised fine-tuning before
+    RL): each a list of chat messages, the prompt's then the target assistant turns (OpenAI style, with
+    `tool_calls` and `tool` answers for tool use), rendered by the model's chat template with the task's
+    tools offered; only assistant turns are trained on. None when the task has none."""
+
+
 # ---- rollout -------------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def sample(prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+def sample(prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+           interaction: Interaction | None) -> RolloutBatch:
     """Rollout, first result. Generate `params.n` responses per prompt; responses of prompt i get
     group id i. Returns token ids, the engine's logprob of every sampled token (of logits divided by
-    the temperature), the loss mask (tool output masked out), decoded texts and truncation flags."""
+    the temperature), the loss mask (tool output and interaction turns masked out), decoded texts and
+    truncation flags. With `tools` or an `interaction` the rollout is multi-turn; a rollout that cannot
+    run an interaction must not name the argument (the core then refuses the run)."""
 
 
 @hookspec(firstresult=True)

@@ -24,7 +24,7 @@ from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.data import PromptStream
 from rlcore.errors import CheckpointError, TrainingError
-from rlcore.evaluate import evaluate
+from rlcore.evaluate import evaluate, turn_inputs
 from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
 from rlcore.prompt_fit import PromptFit, prompt_fit
@@ -151,9 +151,9 @@ class Trainer:
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
-        self.tools = [tool for tools in self.hook.tools() for tool in (tools or [])]
+        self.turns = turn_inputs(self.registry)
         if fit is not None:
-            fit.use_tools(self.tools)
+            fit.use_tools(self.turns["tools"])
         train = self.registry.require("task", "dataset", split="train")
         admit = None
         if fit is not None and isinstance(train, (list, tuple)):
@@ -213,7 +213,7 @@ class Trainer:
         while True:
             prompts = self.stream.take(t.prompts_per_step - groups)
             t0 = time.perf_counter()
-            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, tools=self.tools)
+            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, **self.turns)
             timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
             batch.validate()
             t0 = time.perf_counter()

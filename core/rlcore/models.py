@@ -164,6 +164,84 @@ def build_tiny_vl_model(directory: Path, seed: int = 0, tokenizer: str = "", hid
     return directory
 
 
+EMBEDDED_TOOLS = "embedded:tools"
+"""`--model` value for the embedded tool-calling default: a tiny seeded random model whose tokenizer and chat
+template speak Qwen's chat and hermes tool-call format (see `build_tiny_tool_model`), built offline into the
+run directory like the text default."""
+TOOL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content %}{{- message.content }}{%- if message.tool_calls %}{{- '\n' }}{%- endif %}{%- endif %}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set call = call.function if call.function is defined else call %}"
+    "{%- if not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + call.name + '\", \"arguments\": ' + (call.arguments | tojson) + '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+"""Qwen2.5's chat layout and hermes tool calls (`<tool_call>` JSON, answers as `<tool_response>` blocks in a
+user turn), without Qwen's system prompt that lists the offered tools: a 100K-parameter model learns its
+tools from demonstrations (`rlcore warmstart`), and the listing would be hundreds of characters of context."""
+TOOL_PIECES = ('{"name": "', '", "arguments": {"', '": "', '"}}', "calculator", "expression", "system", "user",
+               "assistant")
+"""Multi-character tokens of the embedded tool tokenizer, as a BPE vocabulary merges common words: a hermes
+calculator call is 18 tokens rather than 70 characters."""
+
+
+def build_tiny_tool_tokenizer(directory: Path) -> Any:
+    """Write a character-level tokenizer over printable ASCII and newline, with Qwen's chat tokens (special,
+    `<|im_end|>` ends a turn), its tool tags and `TOOL_PIECES` (not special: decoded text keeps them)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(("<pad>", "<unk>", *chars))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # newlines too, one by one
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in
+                    ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", *TOOL_PIECES)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>")
+    fast.chat_template = TOOL_CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return fast
+
+
+def build_tiny_tool_model(directory: Path, seed: int = 0, hidden: int = 128, layers: int = 2, heads: int = 4) -> Path:
+    """Build and save the embedded tool-calling default: a seeded random Llama-architecture model (~0.5M
+    parameters; heads of size 32, which vLLM's CPU attention supports; untied embeddings) with the tokenizer of
+    `build_tiny_tool_tokenizer`. Llama rather than Qwen2 because transformers reloads any `qwen2` model's
+    tokenizer as Qwen2's own, which drops this one's newline token. It writes tool calls only after a warm
+    start on demonstrations (`rlcore warmstart`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tool_tokenizer(directory)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(directory)
+    return directory
+
+
 def launch_rank() -> int:
     """This process's rank when a launcher (torchrun) started one `rlcore run` per rank, else 0."""
     return int(os.environ.get("RANK", "0"))
@@ -199,9 +277,10 @@ def resolve(model: str, run_dir: Path, seed: int) -> ModelSpec:
         path = run_dir / "model"
         build_model_dir(path, lambda d: build_tiny_model(d, seed=seed))
         return ModelSpec(path=str(path), tokenizer=load_tokenizer(str(path)))
-    if model == EMBEDDED_VL:
+    embedded = {EMBEDDED_VL: build_tiny_vl_model, EMBEDDED_TOOLS: build_tiny_tool_model}
+    if model in embedded:
         path = run_dir / "model"
-        build_model_dir(path, lambda d: build_tiny_vl_model(d, seed=seed))
+        build_model_dir(path, lambda d: embedded[model](d, seed=seed))
         return ModelSpec(path=str(path), tokenizer=load_tokenizer(str(path)))
     p = Path(model).expanduser()
     gguf_file = None

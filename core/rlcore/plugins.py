@@ -3,9 +3,10 @@
 Plugins are found through entry points, one group per kind (`rlcore.algo`, `rlcore.backend`,
 `rlcore.rollout`, `rlcore.task`, `rlcore.hardware`, `rlcore.placement` — where the other plugins run:
 in this process, or as Ray actors —, `rlcore.tracker` for experiment trackers, any number of which a
-run selects with `trainer.log_to`, and `rlcore.extra` for cross-cutting plugins that every run activates
-just by being installed). An entry point names a class; the run instantiates it with its typed options
-(`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing is imported until
+run selects with `trainer.log_to`, `rlcore.extra` for cross-cutting plugins that every run activates
+just by being installed, and `rlcore.tool_format` for the tool-call syntaxes a multi-turn rollout reads,
+chosen with `rollout.tool_format`). An entry point names a class; the run instantiates it with its typed
+options (`cls.Options`, an attrs class) and registers the instance with pluggy. Nothing is imported until
 selected, so a broken plugin breaks only the runs that select it.
 
 `RLCORE_DISABLE_PLUGINS="gmpo,task:foo"` hides plugins by name or kind:name.
@@ -26,7 +27,7 @@ from rlcore import hookspecs
 from rlcore.config import build_options
 from rlcore.errors import PluginError
 
-KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra")
+KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra", "tool_format")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
 """Kinds with exactly one plugin per run, in setup order."""
 FLAG_KINDS = ("algo", "backend", "rollout", "task", "hardware")
@@ -83,7 +84,8 @@ def load(kind: str, name: str) -> type:
     eps = entry_points(kind)
     names = available(kind)
     flag = f"--{kind} NAME" if kind in FLAG_KINDS else f"--set plugins.{kind}=NAME"
-    choose = "List them in --set trainer.log_to=[NAME,...]" if kind == "tracker" else f"Choose one with {flag}"
+    choose = {"tracker": "List them in --set trainer.log_to=[NAME,...]",
+              "tool_format": "Choose one with --set rollout.tool_format=NAME"}.get(kind, f"Choose one with {flag}")
     if name not in eps:
         raise PluginError(f"unknown {kind} plugin {name!r}; installed {kind} plugins: "
                           f"{', '.join(names) or '(none)'}. {choose}, "
@@ -191,6 +193,13 @@ class Registry:
         trackers and extras in registration order)."""
         order = {k: i for i, k in enumerate(SELECTED_KINDS)}
         return sorted(self.plugins, key=lambda k: order.get(k, len(order)))
+
+    def accepts(self, kind: str, hook: str, argument: str) -> bool:
+        """Whether the plugin registered under `kind` implements `hook` with a parameter named `argument`
+        (pluggy hands an implementation only the arguments it names)."""
+        plugin = self.plugins.get(kind)
+        return any(impl.plugin is plugin and argument in impl.argnames
+                   for impl in getattr(self.pm.hook, hook).get_hookimpls())
 
     def implements(self, kind: str, hook: str) -> bool:
         """Whether the plugin registered under `kind` implements `hook`."""

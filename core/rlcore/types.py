@@ -314,3 +314,66 @@ class Tool:
 
     def release(self, instance: Any) -> None:
         """Free what `create` made."""
+
+
+@attrs.define
+class ToolCall:
+    """One tool call read from an assistant turn; `error` is set (and nothing runs) when it could not be read."""
+
+    name: str = ""
+    arguments: dict[str, Any] = attrs.field(factory=dict)
+    error: str = ""
+    """What is wrong with the call, written for the model, which reads it as the tool's answer."""
+
+
+class ToolFormat:
+    """How a model writes tool calls in its text: hermes JSON, Qwen3-Coder XML, ...
+
+    A multi-turn rollout reads each assistant turn with the run's format (`rollout.tool_format`); the
+    model's chat template renders the offered tools and the tool answers. Formats are found through the
+    `rlcore.tool_format` entry-point group (name -> class), so a package adds one without forking.
+    """
+
+    name: str = ""
+
+    def parse(self, text: str, tools: Sequence[Tool]) -> list[ToolCall]:
+        """The calls in one assistant turn's text, in order (none: the turn calls no tool). `tools` are the
+        offered tools, whose JSON-schema parameters a format may use to type arguments written as text."""
+        raise NotImplementedError
+
+
+@attrs.define
+class InteractionTurn:
+    """What an interaction answers to one assistant turn."""
+
+    done: bool
+    """True ends the sample (e.g. the answer is right); False appends `text` as a user turn and goes on."""
+    text: str = ""
+    reward: float = 0.0
+    """This turn's reward, kept per turn in the batch info (`turn_rewards`)."""
+
+
+class Interaction:
+    """A simulated user or environment that answers the model between turns (verl's `BaseInteraction`).
+
+    When an assistant turn calls no tool, the rollout asks `respond` for the next user turn: its text is
+    rendered by the chat template and masked out of the loss, its reward recorded per turn. `start` makes
+    one per-sample instance, `score` gives the sample's final score, `release` frees the instance.
+    """
+
+    name: str = ""
+
+    def start(self, prompt: Prompt) -> Any:
+        """Start a per-sample instance; returns a handle passed back to the other methods."""
+        return None
+
+    def respond(self, instance: Any, messages: list[dict[str, Any]]) -> InteractionTurn:
+        """The answer to the conversation so far (`messages`: the prompt's, then the response's turns)."""
+        raise NotImplementedError
+
+    def score(self, instance: Any) -> float:
+        """The sample's final score once it is done (kept as `interaction_score` in the batch info)."""
+        return 0.0
+
+    def release(self, instance: Any) -> None:
+        """Free what `start` made."""

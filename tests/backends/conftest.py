@@ -41,6 +41,6 @@ def make_backend(rlcore_context: RunContext) -> Callable[..., TorchBackend]:
 @pytest.fixture
 def batch(rollout: HFRollout, prompts: list[Prompt]) -> RolloutBatch:
     """Sampled responses (some ended by EOS, some truncated) with fixed random advantages on the loss tokens."""
-    b = rollout.sample(prompts=prompts, params=SamplingParams(n=3, max_new_tokens=10, seed=3), tools=[])
+    b = rollout.sample(prompts=prompts, params=SamplingParams(n=3, max_new_tokens=10, seed=3), tools=[], interaction=None)
     b.advantages = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0)) * b.response_mask
     return b

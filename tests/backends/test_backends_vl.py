@@ -43,7 +43,7 @@ def rollout(ctx: RunContext) -> HFRollout:
 
 @pytest.fixture(scope="module")
 def batch(rollout: HFRollout) -> RolloutBatch:
-    b = rollout.sample(diagram_prompts(), SamplingParams(n=2, max_new_tokens=8, seed=5), [])
+    b = rollout.sample(diagram_prompts(), SamplingParams(n=2, max_new_tokens=8, seed=5), [], None)
     b.advantages = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0)) * b.response_mask
     return b
 
@@ -55,7 +55,7 @@ def weights(backend: object) -> dict[str, Tensor]:
 def agrees_with_rollout(backend: object, rollout: HFRollout, seed: int) -> float:
     """Sync the backend's weights into the rollout, sample afresh, and return max |trainer - rollout| logprob."""
     rollout.sync_weights(weights=backend.policy_weights())
-    fresh = rollout.sample(diagram_prompts(), SamplingParams(n=2, max_new_tokens=8, seed=seed), [])
+    fresh = rollout.sample(diagram_prompts(), SamplingParams(n=2, max_new_tokens=8, seed=seed), [], None)
     mask = fresh.attention_mask.bool()
     return float((backend.logprobs(batch=fresh, reference=False) - fresh.rollout_logprobs)[mask].abs().max())
 

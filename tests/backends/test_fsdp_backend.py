@@ -163,7 +163,7 @@ def test_policy_weights_sync_into_the_hf_rollout(fsdp: FSDPBackend, rollout: HFR
     weights = fsdp.policy_weights()
     assert weights.module is None and weights.version == 1
     rollout.sync_weights(weights=weights)
-    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[])
+    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[], interaction=None)
     torch.testing.assert_close(fsdp.logprobs(batch=fresh, reference=False), fresh.rollout_logprobs, atol=1e-5, rtol=0)
 
 

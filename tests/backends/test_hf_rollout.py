@@ -23,7 +23,7 @@ def test_contract(rlcore_context: RunContext) -> None:
 
 
 def test_layout_eos_and_truncation(rollout: HFRollout, prompts: list[Prompt]) -> None:
-    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=3, max_new_tokens=10, seed=3), tools=[])
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=3, max_new_tokens=10, seed=3), tools=[], interaction=None)
     batch.validate()
     tok = rollout.tokenizer
     assert len(batch) == 12 and batch.group_ids.tolist() == [i for i in range(4) for _ in range(3)]
@@ -58,7 +58,7 @@ def test_logprobs_match_independent_forward(rlcore_context: RunContext, rollout:
                                             prompts: list[Prompt]) -> None:
     """Each sample's logprobs equal a plain unpadded forward of prompt+response at logits / temperature."""
     batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, temperature=0.7, top_p=0.9,
-                                                                   max_new_tokens=8, seed=1), tools=[])
+                                                                   max_new_tokens=8, seed=1), tools=[], interaction=None)
     assert batch.temperature == 0.7
     model = AutoModelForCausalLM.from_pretrained(rlcore_context.model.path, dtype=torch.float32)
     for i in range(len(batch)):
@@ -73,8 +73,8 @@ def test_logprobs_match_independent_forward(rlcore_context: RunContext, rollout:
 
 def test_greedy_is_deterministic(rollout: HFRollout, prompts: list[Prompt]) -> None:
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
-    a = rollout.sample(prompts=prompts, params=params, tools=[])
-    b = rollout.sample(prompts=prompts, params=params, tools=[])
+    a = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
+    b = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.rollout_logprobs, b.rollout_logprobs)
     assert torch.equal(a.response_ids[0::2], a.response_ids[1::2]), "greedy samples of one prompt agree"
     assert a.temperature == 1.0, "greedy reports logprobs at temperature 1"
@@ -84,16 +84,16 @@ def test_seed_and_global_rng(rollout: HFRollout, prompts: list[Prompt]) -> None:
     """params.seed reproduces without touching the global RNG; without it the global RNG decides."""
     seeded = SamplingParams(n=2, max_new_tokens=6, seed=7)
     torch.manual_seed(0)
-    a = rollout.sample(prompts=prompts, params=seeded, tools=[])
+    a = rollout.sample(prompts=prompts, params=seeded, tools=[], interaction=None)
     after_seeded = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(after_seeded, torch.rand(1)), "a seeded sample leaves the global RNG alone"
-    assert torch.equal(a.response_ids, rollout.sample(prompts=prompts, params=seeded, tools=[]).response_ids)
+    assert torch.equal(a.response_ids, rollout.sample(prompts=prompts, params=seeded, tools=[], interaction=None).response_ids)
     unseeded = SamplingParams(n=2, max_new_tokens=6)
     torch.manual_seed(5)
-    b = rollout.sample(prompts=prompts, params=unseeded, tools=[])
+    b = rollout.sample(prompts=prompts, params=unseeded, tools=[], interaction=None)
     torch.manual_seed(5)
-    assert torch.equal(b.response_ids, rollout.sample(prompts=prompts, params=unseeded, tools=[]).response_ids)
+    assert torch.equal(b.response_ids, rollout.sample(prompts=prompts, params=unseeded, tools=[], interaction=None).response_ids)
 
 
 def test_chunked_generate_matches_one_call(rlcore_context: RunContext, rollout: HFRollout,
@@ -101,8 +101,8 @@ def test_chunked_generate_matches_one_call(rlcore_context: RunContext, rollout: 
     chunked = HFRollout(HFRollout.Options(max_rows_per_generate=3))
     chunked.setup(ctx=rlcore_context)
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
-    a = rollout.sample(prompts=prompts, params=params, tools=[])
-    b = chunked.sample(prompts=prompts, params=params, tools=[])
+    a = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
+    b = chunked.sample(prompts=prompts, params=params, tools=[], interaction=None)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.group_ids, b.group_ids)
     assert torch.equal(a.prompt_ids, b.prompt_ids)
     torch.testing.assert_close(a.rollout_logprobs, b.rollout_logprobs, atol=1e-5, rtol=0)
@@ -110,7 +110,7 @@ def test_chunked_generate_matches_one_call(rlcore_context: RunContext, rollout: 
 
 def test_stop_strings(rollout: HFRollout, prompts: list[Prompt]) -> None:
     batch = rollout.sample(prompts=prompts, params=SamplingParams(n=4, max_new_tokens=10, stop=["5"], seed=0),
-                           tools=[])
+                           tools=[], interaction=None)
     reasons = [i["finish_reason"] for i in batch.info]
     assert "stop" in reasons, "this seed hits the stop string"
     for i, reason in enumerate(reasons):
@@ -127,7 +127,7 @@ def test_tools_go_through_the_tool_loop(rollout: HFRollout, prompts: list[Prompt
     class Noop(Tool):
         name = "noop"
 
-    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=6, seed=0), tools=[Noop()])
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=6, seed=0), tools=[Noop()], interaction=None)
     batch.validate()
     assert [i["turns"] for i in batch.info] == [1] * 8 and all(i["tool_calls"] == 0 for i in batch.info)
     assert torch.equal(batch.response_mask, batch.attention_mask.float())
@@ -136,7 +136,7 @@ def test_tools_go_through_the_tool_loop(rollout: HFRollout, prompts: list[Prompt
 def test_images_are_refused(rollout: HFRollout, prompts: list[Prompt]) -> None:
     prompts[0].images = ["diagram.png"]
     with pytest.raises(RLCoreError, match="images"):
-        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[])
+        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[], interaction=None)
 
 
 def test_render_with_and_without_chat_template(rollout: HFRollout) -> None:
@@ -215,7 +215,7 @@ def test_sampler_bans_eos_until_min_new_tokens_and_reports_unbanned_logprobs() -
 def test_min_new_tokens_holds_responses_to_their_length(rollout: HFRollout, prompts: list[Prompt]) -> None:
     def lengths(min_new_tokens: int) -> Tensor:
         params = SamplingParams(n=3, max_new_tokens=20, min_new_tokens=min_new_tokens, seed=3)
-        return rollout.sample(prompts=prompts, params=params, tools=[]).attention_mask.sum(1)
+        return rollout.sample(prompts=prompts, params=params, tools=[], interaction=None).attention_mask.sum(1)
 
     assert (lengths(0) < 5).sum() >= 3, "this seed ends several responses within 4 tokens"
     held = lengths(5)
@@ -226,14 +226,20 @@ def test_lean_decoder_matches_transformers_generate(rlcore_context: RunContext, 
                                                    prompts: list[Prompt]) -> None:
     """The lean decode loop (distinct prompts prefilled once, finished rows dropped) samples exactly what
     transformers `generate` does with the same sampler: greedy with EOS-ended rows of several lengths, and
-    seeded sampling (every row's uniform is drawn each step, so the random stream is the same)."""
+    seeded sampling (every row's uniform is drawn each step, so the random stream is the same), and one
+    sample per prompt in both orders (no repeated rows: the prefill cache is still put in the rows' order)."""
     reference = HFRollout(HFRollout.Options(decoder="generate"))
     reference.setup(ctx=rlcore_context)
+    for order in (prompts, prompts[::-1]):
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+        lean = rollout.sample(prompts=order, params=params, tools=[], interaction=None)
+        assert torch.equal(lean.response_ids, reference.sample(prompts=order, params=params, tools=[],
+                                                               interaction=None).response_ids)
     for params in (SamplingParams(n=2, temperature=0.0, max_new_tokens=12),
                    SamplingParams(n=3, temperature=0.8, top_p=0.95, max_new_tokens=16, seed=3),
                    SamplingParams(n=2, max_new_tokens=9, min_new_tokens=6, seed=4)):
-        lean = rollout.sample(prompts=prompts, params=params, tools=[])
-        plain = reference.sample(prompts=prompts, params=params, tools=[])
+        lean = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
+        plain = reference.sample(prompts=prompts, params=params, tools=[], interaction=None)
         assert torch.equal(lean.response_ids, plain.response_ids)
         assert [i["finish_reason"] for i in lean.info] == [i["finish_reason"] for i in plain.info]
         torch.testing.assert_close(lean.rollout_logprobs, plain.rollout_logprobs, atol=1e-5, rtol=0)

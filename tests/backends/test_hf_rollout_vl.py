@@ -60,7 +60,7 @@ def prompts() -> list[Prompt]:
 
 @pytest.fixture(scope="module")
 def batch(rollout, prompts) -> RolloutBatch:
-    return rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=5), [])
+    return rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=5), [], None)
 
 
 def test_images_reach_the_processor_generate_and_the_batch(rollout, prompts, batch, vl_dir):
@@ -87,7 +87,7 @@ def test_images_reach_the_processor_generate_and_the_batch(rollout, prompts, bat
 def test_sampling_depends_on_the_image(rollout, prompts):
     """Greedy responses to the same text with two different diagrams differ: the pixels reach the model."""
     swapped = [Prompt(messages=prompts[0].messages, images=p.images, id=p.id) for p in prompts[:2]]
-    out = rollout.sample(swapped, SamplingParams(n=1, max_new_tokens=12, temperature=0.0), [])
+    out = rollout.sample(swapped, SamplingParams(n=1, max_new_tokens=12, temperature=0.0), [], None)
     assert not torch.equal(out.rollout_logprobs[0], out.rollout_logprobs[1])
 
 
@@ -121,7 +121,7 @@ def test_text_positions_or_missing_images_would_not_match(rollout, batch):
 
 
 def test_update_trains_the_vision_tower_and_syncs_back(ctx, rollout, prompts):
-    b = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=7), [])
+    b = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=7), [], None)
     b.advantages = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0)) * b.response_mask
     backend = TorchBackend(TorchBackend.Options(lr=1e-2))
     backend.setup(ctx=ctx)
@@ -131,7 +131,7 @@ def test_update_trains_the_vision_tower_and_syncs_back(ctx, rollout, prompts):
     after = backend.model.state_dict()
     assert any(not torch.equal(vision_before[k], after[k]) for k in vision_before), "the vision tower learns"
     rollout.sync_weights(backend.policy_weights())
-    fresh = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=8), [])
+    fresh = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=8), [], None)
     logp = backend.logprobs(fresh, reference=False)
     assert (logp - fresh.rollout_logprobs)[fresh.attention_mask.bool()].abs().max() < 1e-4, \
         "after the sync, rollout and trainer agree on the new weights"
@@ -193,7 +193,7 @@ class ScriptedVL:
 
 def test_multi_turn_tool_calls_keep_each_samples_images(rollout, prompts):
     """run_turns hands every generate call the vision inputs of exactly its rows, turn after turn."""
-    from rlcore_backends.rollout.engine import run_turns
+    from rlcore_backends.rollout.engine import TurnOptions, run_turns
     from rlcore_backends.common.vision import render_with_images
 
     processor = load_processor(rollout.spec_path, rollout.tokenizer)
@@ -203,7 +203,7 @@ def test_multi_turn_tool_calls_keep_each_samples_images(rollout, prompts):
     assert sizes[0] != sizes[1]
     engine = ScriptedVL(rollout.tokenizer, caller_patches=sizes[1])
     batch = run_turns(engine, rollout.tokenizer, two, SamplingParams(n=2, max_new_tokens=64), [Echo()],
-                      max_turns=3, rendered=[r[0] for r in rendered], multimodal=[r[1] for r in rendered])
+                      TurnOptions(max_turns=3), rendered=[r[0] for r in rendered], multimodal=[r[1] for r in rendered])
     assert engine.seen[0] == [sizes[0], sizes[0], sizes[1], sizes[1]]
     assert engine.seen[1] == [sizes[1], sizes[1]], "the second turn runs only the samples that called the tool"
     assert [i["tool_calls"] for i in batch.info] == [0, 0, 1, 1]
@@ -215,7 +215,7 @@ def test_hf_rollout_runs_the_tool_loop_with_images(ctx, rollout, prompts):
     backend = TorchBackend(TorchBackend.Options())
     backend.setup(ctx=ctx)
     rollout.sync_weights(backend.policy_weights())  # the starting weights (an earlier test trained the rollout's)
-    batch = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=9), [Echo()])
+    batch = rollout.sample(prompts, SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=9), [Echo()], None)
     batch.validate()
     assert len(batch.multimodal) == 6 and all(i["turns"] >= 1 for i in batch.info)
     logp = backend.logprobs(batch, reference=False)
@@ -229,4 +229,4 @@ def test_text_model_without_image_processor_gives_a_clear_error(tmp_path, prompt
     r = HFRollout(HFRollout.Options())
     r.setup(ctx=text_context(tmp_path))
     with pytest.raises(RLCoreError, match="no image processor"):
-        r.sample(prompts[:1], SamplingParams(n=1, max_new_tokens=4), [])
+        r.sample(prompts[:1], SamplingParams(n=1, max_new_tokens=4), [], None)

@@ -105,7 +105,7 @@ def test_merged_and_adapter_weights(rlcore_context: RunContext, batch: RolloutBa
 def test_merged_sync_into_the_hf_rollout(rlcore_context: RunContext, rollout: HFRollout, batch: RolloutBatch) -> None:
     backend = trained(make_lora(rlcore_context), batch)
     rollout.sync_weights(weights=backend.policy_weights())
-    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[])
+    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[], interaction=None)
     torch.testing.assert_close(backend.logprobs(batch=fresh, reference=False), fresh.rollout_logprobs,
                                atol=1e-5, rtol=0)
 

@@ -18,12 +18,12 @@ from transformers import AutoTokenizer
 
 from rlcore import Prompt, SamplingParams, Tool, ToolResult
 from rlcore.errors import RLCoreError
-from rlcore_backends.rollout.engine import Completion, run_turns
-from rlcore_backends.rollout.multiturn import argument_errors, parse_tool_calls, tool_turn_ids, truncate_text
+from rlcore_backends.rollout.engine import TurnOptions, run_turns
+from rlcore_backends.rollout.multiturn import argument_errors, truncate_text, turn_ids
+from rlcore_backends.rollout.toolformats.hermes import Hermes
+from scripted import LOGPROB, ScriptedEngine
 
 QWEN3 = Path(__file__).resolve().parents[1] / "data" / "qwen3-tokenizer"
-LOGPROB = -0.25
-"""The logprob the scripted engine reports for every generated token."""
 
 
 @pytest.fixture(scope="module")
@@ -34,32 +34,6 @@ def tok() -> Any:
 def call(name: str, arguments: Any) -> str:
     import json
     return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
-
-
-class ScriptedEngine:
-    """Answers turn t of the sample whose user question is `key` with `script[key][t]` plus <|im_end|>.
-
-    Records every context it was given, so tests can compare it with the chat template's rendering.
-    """
-
-    def __init__(self, tok: Any, script: dict[str, list[str]], end: str = "<|im_end|>") -> None:
-        self.tok, self.script, self.end = tok, script, end
-        self.contexts: list[list[int]] = []
-        self.calls: list[SamplingParams] = []
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        self.calls.append(params)
-        out = []
-        for ids in prompts:
-            self.contexts.append(list(ids))
-            text = self.tok.decode(ids)
-            key = next(k for k in self.script if f"<|im_start|>user\n{k}<|im_end|>" in text)
-            turn = text.count("<|im_start|>assistant") - 1
-            reply = self.tok(self.script[key][turn] + self.end, add_special_tokens=False)["input_ids"]
-            reason = "eos" if len(reply) <= params.max_new_tokens else "length"
-            reply = reply[:params.max_new_tokens]
-            out.append(Completion(reply, [LOGPROB] * len(reply), reason))
-        return out
 
 
 class Adder(Tool):
@@ -124,18 +98,18 @@ def response(batch: Any, i: int) -> tuple[list[int], list[float], list[float]]:
 
 # ---- parsing, validation, rendering ---------------------------------------------------------------
 
-def test_parse_tool_calls() -> None:
+def test_hermes_parse() -> None:
     text = ('I will add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
             '<tool_call>{"name": "echo", "arguments": "{\\"text\\": \\"hi\\"}"}</tool_call>'
             '<tool_call>{"name": "add", "arguments": {"a": 1,}}</tool_call>'
             '<tool_call>["add"]</tool_call><tool_call>{"arguments": {}}</tool_call>'
             '<tool_call>{"name": "add", "arguments": {"a": 5, "b": 6}}')
-    calls = parse_tool_calls(text)
+    calls = Hermes().parse(text, [])
     assert [(c.name, c.arguments) for c in calls[:2]] == [("add", {"a": 1, "b": 2}), ("echo", {"text": "hi"})]
     assert "not valid JSON" in calls[2].error
     assert "must be a JSON object" in calls[3].error and "must be a JSON object" in calls[4].error
     assert (calls[5].name, calls[5].arguments, calls[5].error) == ("add", {"a": 5, "b": 6}, ""), "unclosed last block"
-    assert parse_tool_calls("no calls here </tool_call>") == []
+    assert Hermes().parse("no calls here </tool_call>", []) == []
 
 
 def test_argument_errors() -> None:
@@ -158,13 +132,13 @@ def test_truncate_text(tok: Any) -> None:
     assert len(tok(cut.removesuffix("...(truncated)"), add_special_tokens=False)["input_ids"]) == 5
 
 
-def test_tool_turn_ids_follow_the_qwen3_template(tok: Any) -> None:
+def test_turn_ids_follow_the_qwen3_template(tok: Any) -> None:
     """Consecutive tool answers share one user turn of <tool_response> blocks, then the generation prompt."""
-    ids = tool_turn_ids(tok, ["3", "hello"], end_of_turn=tok.convert_tokens_to_ids("<|im_end|>"))
+    ids = turn_ids(tok, [{"role": "tool", "content": "3"}, {"role": "tool", "content": "hello"}], end_of_turn=tok.convert_tokens_to_ids("<|im_end|>"))
     assert tok.decode(ids) == ("\n<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\nhello"
                                "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(RLCoreError, match="does not end an assistant turn with '<\\|endoftext\\|>'"):
-        tool_turn_ids(tok, ["3"], end_of_turn=tok.pad_token_id)
+        turn_ids(tok, [{"role": "tool", "content": "3"}], end_of_turn=tok.pad_token_id)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -177,7 +151,8 @@ def test_two_tool_turns_render_mask_and_count(tok: Any) -> None:
               "hi": ["Hello!"]}
     engine = ScriptedEngine(tok, script)
     prompts = ask("1+2+3?", "hi")
-    batch = run_turns(engine, tok, prompts, SamplingParams(n=2, max_new_tokens=200), [adder], max_turns=4)
+    batch = run_turns(engine, tok, prompts, SamplingParams(n=2, max_new_tokens=200), [adder],
+                      TurnOptions(max_turns=4))
     batch.validate()
     assert batch.group_ids.tolist() == [0, 0, 1, 1] and [p.id for p in batch.prompts] == ["1+2+3?"] * 2 + ["hi"] * 2
     assert [c.n for c in engine.calls] == [1, 1, 1], "three engine calls, one completion per row"
@@ -205,10 +180,13 @@ def test_two_tool_turns_render_mask_and_count(tok: Any) -> None:
     assert all(lp == (LOGPROB if m else 0.0) for lp, m in zip(logprobs, mask))
     assert batch.attention_mask[0, :len(ids)].all()
 
-    assert batch.info[0] == {"finish_reason": "eos", "turns": 3, "tool_calls": 2, "tool_errors": 0,
-                             "tool_reward": 1.0}
-    assert batch.info[2] == {"finish_reason": "eos", "turns": 1, "tool_calls": 0, "tool_errors": 0,
-                             "tool_reward": 0.0}
+    counts = [{k: v for k, v in info.items() if k != "messages"} for info in batch.info]
+    assert counts[0] == {"finish_reason": "eos", "turns": 3, "tool_calls": 2, "tool_errors": 0, "tool_reward": 1.0}
+    assert counts[2] == {"finish_reason": "eos", "turns": 1, "tool_calls": 0, "tool_errors": 0, "tool_reward": 0.0}
+    assert batch.info[0]["messages"] == [
+        {"role": "assistant", "content": script["1+2+3?"][0]}, {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": script["1+2+3?"][1]}, {"role": "tool", "content": "6"},
+        {"role": "assistant", "content": "It is 6."}]
     assert tok.decode(response(batch, 2)[0]) == "Hello!<|im_end|>" and response(batch, 2)[1] == [1.0] * 3
     assert batch.texts[0].endswith("It is 6.") and "<tool_response>" in batch.texts[0]
     assert not batch.truncated.any()
@@ -228,7 +206,7 @@ def test_errors_become_text_and_counts(tok: Any, reply: str, error: str) -> None
     engine = ScriptedEngine(tok, {"q": [reply, "Sorry."]})
     start = time.perf_counter()
     batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=300), [Adder(), Broken(), Sleepy()],
-                      max_turns=3, tool_timeout=0.3)
+                      TurnOptions(max_turns=3, tool_timeout=0.3))
     assert time.perf_counter() - start < 3, "a stuck tool does not stall the rollout"
     second = tok.decode(engine.contexts[1])
     answer = second.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0]
@@ -245,7 +223,8 @@ def test_tool_result_error_flag_is_counted(tok: Any) -> None:
             return ToolResult("not allowed", error=True)
 
     engine = ScriptedEngine(tok, {"q": [call("refuse", {}) + call("refuse", {}), "ok"]})
-    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=300), [Refuses()], max_turns=2)
+    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=300), [Refuses()],
+                      TurnOptions(max_turns=2))
     assert tok.decode(engine.contexts[1]).count("<tool_response>\nnot allowed\n</tool_response>") == 2
     assert (batch.info[0]["tool_calls"], batch.info[0]["tool_errors"]) == (2, 2)
 
@@ -262,8 +241,8 @@ def test_tool_calls_of_a_batch_run_concurrently(tok: Any) -> None:
             return ToolResult("met")
 
     engine = ScriptedEngine(tok, {"a": [call("meet", {}), "done"], "b": [call("meet", {}), "done"]})
-    batch = run_turns(engine, tok, ask("a", "b"), SamplingParams(n=3, max_new_tokens=100), [Meet()], max_turns=2,
-                      tool_timeout=10)
+    batch = run_turns(engine, tok, ask("a", "b"), SamplingParams(n=3, max_new_tokens=100), [Meet()],
+                      TurnOptions(max_turns=2, tool_timeout=10))
     assert [i["tool_errors"] for i in batch.info] == [0] * 6
     assert all("<tool_response>\nmet\n</tool_response>" in tok.decode(c) for c in engine.contexts[6:])
 
@@ -271,18 +250,21 @@ def test_tool_calls_of_a_batch_run_concurrently(tok: Any) -> None:
 def test_each_turn_gets_fresh_seeds(tok: Any) -> None:
     """With params.seed, turn t samples with seed + t * B, so no row reuses another turn's row seeds."""
     engine = ScriptedEngine(tok, {"q": [call("echo", {"text": "a"}), call("echo", {"text": "b"}), "done"]})
-    run_turns(engine, tok, ask("q"), SamplingParams(n=2, max_new_tokens=200, seed=10), [Echo()], max_turns=3)
+    run_turns(engine, tok, ask("q"), SamplingParams(n=2, max_new_tokens=200, seed=10), [Echo()],
+              TurnOptions(max_turns=3))
     assert [c.seed for c in engine.calls] == [10, 12, 14]
 
 
 def test_max_turns_stops_the_loop(tok: Any) -> None:
     adder = Adder()
     engine = ScriptedEngine(tok, {"q": [call("add", {"a": i, "b": 1}) for i in range(5)]})
-    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=500), [adder], max_turns=2)
+    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=500), [adder],
+                      TurnOptions(max_turns=2))
     assert batch.info[0]["turns"] == 2 and batch.info[0]["tool_calls"] == 1, "the last turn's call is not executed"
     assert batch.info[0]["finish_reason"] == "eos" and not batch.truncated[0]
     assert tok.decode(response(batch, 0)[0]).endswith(call("add", {"a": 1, "b": 1}) + "<|im_end|>")
-    single = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=500), [adder], max_turns=1)
+    single = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=500), [adder],
+                       TurnOptions(max_turns=1))
     assert single.info[0]["turns"] == 1 and single.info[0]["tool_calls"] == 0
 
 
@@ -291,7 +273,7 @@ def test_max_new_tokens_bounds_the_whole_response(tok: Any) -> None:
     text = "x " * 40
     engine = ScriptedEngine(tok, {"q": [call("echo", {"text": text}), "The end."]})
     first = len(tok(call("echo", {"text": text}) + "<|im_end|>", add_special_tokens=False)["input_ids"])
-    tool = len(tool_turn_ids(tok, [text], end_of_turn=tok.convert_tokens_to_ids("<|im_end|>")))
+    tool = len(turn_ids(tok, [{"role": "tool", "content": text}], end_of_turn=tok.convert_tokens_to_ids("<|im_end|>")))
     last = len(tok("The end.<|im_end|>", add_special_tokens=False)["input_ids"])
     cases = {  # budget: (loss mask, tool calls, finish reason)
         first - 3: ([1] * (first - 3), 0, "length"),
@@ -300,7 +282,8 @@ def test_max_new_tokens_bounds_the_whole_response(tok: Any) -> None:
         first + tool + last: ([1] * first + [0] * tool + [1] * last, 1, "eos"),
     }
     for budget, (mask, calls, finish) in cases.items():
-        batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=budget), [Echo()], max_turns=3)
+        batch = run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=budget), [Echo()],
+                          TurnOptions(max_turns=3))
         batch.validate()
         assert response(batch, 0)[1] == mask, f"budget {budget}"
         assert (batch.info[0]["tool_calls"], batch.info[0]["finish_reason"]) == (calls, finish)
@@ -311,8 +294,8 @@ def test_max_new_tokens_bounds_the_whole_response(tok: Any) -> None:
 def test_long_tool_answers_are_cut(tok: Any) -> None:
     long = " ".join(f"w{i}" for i in range(100))
     engine = ScriptedEngine(tok, {"q": [call("echo", {"text": long}), "ok"]})
-    run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=400), [Echo()], max_turns=2,
-              max_tool_response_tokens=7)
+    run_turns(engine, tok, ask("q"), SamplingParams(n=1, max_new_tokens=400), [Echo()],
+              TurnOptions(max_turns=2, max_tool_response_tokens=7))
     answer = tok.decode(engine.contexts[1]).rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0]
     assert answer == truncate_text(tok, long, 7) and answer.endswith("...(truncated)")
 
@@ -321,14 +304,14 @@ def test_prompt_tools_override_the_offered_schemas(tok: Any) -> None:
     only_add = [Adder().schema()]
     engine = ScriptedEngine(tok, {"q": ["ok"]})
     prompt = Prompt(messages=[{"role": "user", "content": "q"}], tools=only_add)
-    run_turns(engine, tok, [prompt], SamplingParams(n=1), [Adder(), Echo()], max_turns=2)
+    run_turns(engine, tok, [prompt], SamplingParams(n=1), [Adder(), Echo()], TurnOptions(max_turns=2))
     text = tok.decode(engine.contexts[0])
     assert '"name": "add"' in text and '"name": "echo"' not in text
 
 
 def test_without_tools_one_engine_call(tok: Any) -> None:
     engine = ScriptedEngine(tok, {"q": [call("add", {"a": 1, "b": 2})]})
-    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=3, max_new_tokens=50), [], max_turns=4)
+    batch = run_turns(engine, tok, ask("q"), SamplingParams(n=3, max_new_tokens=50), [], TurnOptions(max_turns=4))
     assert len(engine.calls) == 1 and engine.calls[0].n == 3 and len(engine.contexts) == 3
     assert batch.info == [{"finish_reason": "eos"}] * 3, "no tool loop, no tool counts"
     assert "# Tools" not in tok.decode(engine.contexts[0])
@@ -339,6 +322,7 @@ def test_tools_need_a_chat_template(tok: Any) -> None:
     template, tok.chat_template = tok.chat_template, None
     try:
         with pytest.raises(RLCoreError, match="need a tokenizer with a chat template"):
-            run_turns(ScriptedEngine(tok, {}), tok, ask("q"), SamplingParams(n=1), [Adder()], max_turns=2)
+            run_turns(ScriptedEngine(tok, {}), tok, ask("q"), SamplingParams(n=1), [Adder()],
+                      TurnOptions(max_turns=2))
     finally:
         tok.chat_template = template

@@ -234,7 +234,7 @@ def set_up(registry: Registry, ctx: RunContext) -> Registry:
 def train_once(registry: Registry) -> dict[str, float]:
     """sample, an update with random advantages and a weight sync, through the proxies as the loop calls them."""
     batch = registry.require("rollout", "sample", prompts=prompts(5), params=SamplingParams(n=2, max_new_tokens=4),
-                             tools=[])
+                             tools=[], interaction=None)
     batch.validate()
     assert batch.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert [p.id for p in batch.prompts] == [str(i // 2) for i in range(10)]
@@ -285,7 +285,7 @@ def test_state_and_every_workers_generators_are_saved_and_restored(inline_cluste
     assert (tmp_path / "backend" / "trainer.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "rollout").iterdir()) == ["rng_worker-0.pkl", "rng_worker-1.pkl"]
     params = SamplingParams(n=2, max_new_tokens=4)
-    first = registry.require("rollout", "sample", prompts=prompts(4), params=params, tools=[])
+    first = registry.require("rollout", "sample", prompts=prompts(4), params=params, tools=[], interaction=None)
     registry.call("rollout", "load_state", directory=tmp_path / "rollout")
-    again = registry.require("rollout", "sample", prompts=prompts(4), params=params, tools=[])
+    again = registry.require("rollout", "sample", prompts=prompts(4), params=params, tools=[], interaction=None)
     assert first.texts == again.texts and torch.equal(first.rollout_logprobs, again.rollout_logprobs)

@@ -57,17 +57,17 @@ def check_sync(rollout: SGLangRollout, model_dir: Path) -> None:
     """Logprobs follow the checkpoint, then the pushed weights (which change them far beyond 1e-3)."""
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=12)
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
-    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[])
+    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[], interaction=None)
     batch.validate()
     assert max_logprob_error(batch, original, 0.8) < 1e-3
     trained = trained_copy(model_dir)
     metrics = rollout.sync_weights(weights=Weights(named_tensors=lambda: iter(trained.state_dict().items()),
                                                    version=1, module=trained))
     assert metrics["sync/megabytes"] > 0
-    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[])
+    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[], interaction=None)
     assert max_logprob_error(batch, trained, 0.8) < 1e-3
     assert max_logprob_error(batch, original, 0.8) > 1e-2, "the update changed the engine's logprobs"
-    greedy = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=0.0, max_new_tokens=8), tools=[])
+    greedy = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=0.0, max_new_tokens=8), tools=[], interaction=None)
     assert torch.equal(greedy.response_ids[0::2], greedy.response_ids[1::2])
     assert max_logprob_error(greedy, trained, 1.0) < 1e-3
 

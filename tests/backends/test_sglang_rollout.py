@@ -94,7 +94,7 @@ def test_n_samples_and_logprobs_match_the_model(rlcore_context: RunContext, fake
                                                rlcore_tiny_model: Path) -> None:
     rollout = make(rlcore_context)
     batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=3, temperature=0.7, max_new_tokens=6, seed=2),
-                           tools=[])
+                           tools=[], interaction=None)
     batch.validate()
     [(_, body)] = [c for c in FakeEngine.instances[-1].calls if c[0] == "generate"]
     rows = body["input_ids"]
@@ -108,11 +108,11 @@ def test_n_samples_and_logprobs_match_the_model(rlcore_context: RunContext, fake
 
 def test_stop_strings_are_mapped(rlcore_context: RunContext, fake_sglang_module: None) -> None:
     rollout = make(rlcore_context)
-    free = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=0.0, max_new_tokens=8), tools=[])
+    free = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=0.0, max_new_tokens=8), tools=[], interaction=None)
     text = free.texts[0]
     assert len(text) >= 2, "the greedy answer needs two characters to stop on the second"
     batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=0.0, max_new_tokens=8,
-                                                                  stop=[text[1]]), tools=[])
+                                                                  stop=[text[1]]), tools=[], interaction=None)
     assert batch.info[0]["finish_reason"] == "stop" and batch.texts[0].endswith(text[1])
     rollout.teardown()
 
@@ -132,7 +132,7 @@ def test_synced_weights_drive_the_logprobs(rlcore_context: RunContext, fake_sgla
         assert names == [("update_weights_from_disk", str((rlcore_context.run_dir / "sglang_weights").resolve()))]
         assert (rlcore_context.run_dir / "sglang_weights" / "config.json").is_file()
     assert FakeEngine.instances[-1].calls[-1][0] == "flush_cache"
-    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=1.0, max_new_tokens=6), tools=[])
+    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, temperature=1.0, max_new_tokens=6), tools=[], interaction=None)
     assert_logprobs_match(batch, trained, 1.0)
     rollout.teardown()
 
@@ -154,7 +154,7 @@ def test_release_and_resume_around_updates(rlcore_context: RunContext, fake_sgla
     rollout = make(rlcore_context, release_memory_between_steps=True)
     engine = FakeEngine.instances[-1]
     params = SamplingParams(n=1, max_new_tokens=3)
-    rollout.sample(prompts=PROMPTS, params=params, tools=[])
+    rollout.sample(prompts=PROMPTS, params=params, tools=[], interaction=None)
     assert engine.calls[-1] == ("release_memory_occupation", ["weights", "kv_cache"]) and engine.released
     engine.calls.clear()
     trained = perturbed(rlcore_tiny_model)
@@ -163,9 +163,9 @@ def test_release_and_resume_around_updates(rlcore_context: RunContext, fake_sgla
         ("resume_memory_occupation", ["weights"]), "update_weights_from_tensor",
         ("resume_memory_occupation", ["kv_cache"]), "flush_cache"]
     assert not engine.released
-    rollout.sample(prompts=PROMPTS, params=params, tools=[])
+    rollout.sample(prompts=PROMPTS, params=params, tools=[], interaction=None)
     engine.calls.clear()
-    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[])  # again, before any new weights
+    batch = rollout.sample(prompts=PROMPTS, params=params, tools=[], interaction=None)  # again, before any new weights
     assert [c[0] for c in engine.calls] == ["resume_memory_occupation", "update_weights_from_tensor",
                                             "resume_memory_occupation", "flush_cache", "generate",
                                             "release_memory_occupation"]
@@ -177,8 +177,8 @@ def test_sampling_again_before_any_sync_reloads_the_checkpoint(rlcore_context: R
                                                                fake_sglang_module: None) -> None:
     rollout = make(rlcore_context, release_memory_between_steps=True)
     engine = FakeEngine.instances[-1]
-    rollout.sample(prompts=PROMPTS, params=SamplingParams(n=1, max_new_tokens=2), tools=[])
-    rollout.sample(prompts=PROMPTS, params=SamplingParams(n=1, max_new_tokens=2), tools=[])
+    rollout.sample(prompts=PROMPTS, params=SamplingParams(n=1, max_new_tokens=2), tools=[], interaction=None)
+    rollout.sample(prompts=PROMPTS, params=SamplingParams(n=1, max_new_tokens=2), tools=[], interaction=None)
     assert ("update_weights_from_disk", rlcore_context.model.path) in engine.calls
     rollout.teardown()
 
@@ -195,7 +195,7 @@ def test_clear_errors(rlcore_context: RunContext, fake_sglang_module: None, monk
         rollout.sync_weights(weights=Weights(named_tensors=lambda: iter([]), adapter=True))
     with pytest.raises(RLCoreError, match="images"):
         rollout.sample(prompts=[Prompt(messages=[{"role": "user", "content": "?"}], images=["a.png"])],
-                       params=SamplingParams(), tools=[])
+                       params=SamplingParams(), tools=[], interaction=None)
     rollout.teardown()
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "True")
     with pytest.raises(ConfigError, match="SGLANG_RETURN_ORIGINAL_LOGPROB makes SGLang report logprobs before"):
@@ -221,7 +221,7 @@ def test_server_by_url(rlcore_context: RunContext, fake: FakeServer, monkeypatch
                        rlcore_tiny_model: Path) -> None:
     monkeypatch.setattr(sglang_engine, "tensor_serializer", lambda: pickle_serializer)
     rollout = make(rlcore_context, mode="server", url=fake.url, release_memory_between_steps=True, tp_size=2)
-    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, max_new_tokens=3), tools=[])
+    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, max_new_tokens=3), tools=[], interaction=None)
     batch.validate()
     assert batch.group_ids.tolist() == [0, 0, 1, 1] and batch.response_ids.shape == (4, 3)
     rollout.sync_weights(weights=weights_of(perturbed(rlcore_tiny_model)))
@@ -249,7 +249,7 @@ def test_launched_server_lifecycle(rlcore_context: RunContext, tmp_path: Path,
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")  # not passed on to the server rlcore launches
     rollout = make(rlcore_context, mode="server", sync="disk", timeout=60)
     process = rollout.engine.process
-    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, max_new_tokens=2), tools=[])
+    batch = rollout.sample(prompts=PROMPTS, params=SamplingParams(n=2, max_new_tokens=2), tools=[], interaction=None)
     assert len(batch) == 4
     child = int((tmp_path / "child.pid").read_text())
     env = Path(f"/proc/{process.process.pid}/environ").read_bytes().split(b"\0")

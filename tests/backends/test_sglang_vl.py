@@ -50,7 +50,7 @@ def fitted(ctx: RunContext, count: int = 3) -> list[list]:
 
 def test_engine_gets_image_data_and_the_trainer_agrees(ctx: RunContext, engine_mode: None) -> None:
     rollout = make(ctx)
-    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=8, seed=2), tools=[])
+    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=8, seed=2), tools=[], interaction=None)
     batch.validate()
     engine = FakeEngine.instances[-1]
     (name, body), = engine.calls
@@ -70,7 +70,7 @@ def test_engine_gets_image_data_and_the_trainer_agrees(ctx: RunContext, engine_m
 def test_every_turn_of_the_tool_loop_sends_its_rows_images(ctx: RunContext, engine_mode: None) -> None:
     rollout = make(ctx, max_turns=3)
     batch = rollout.sample(prompts=diagram_prompts(2), params=SamplingParams(n=2, max_new_tokens=12, seed=3),
-                           tools=[Echo()])
+                           tools=[Echo()], interaction=None)
     batch.validate()
     for _, body in FakeEngine.instances[-1].calls:
         assert len(body["image_data"]) == len(body["input_ids"]) and all(len(r) == 1 for r in body["image_data"])
@@ -87,7 +87,7 @@ def fake() -> Iterator[FakeServer]:
 
 def test_server_gets_the_images_as_data_urls(ctx: RunContext, fake: FakeServer) -> None:
     rollout = make(ctx, mode="server", url=fake.url)
-    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=3), tools=[])
+    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=3), tools=[], interaction=None)
     batch.validate()
     body, = fake.bodies("/generate")
     assert all(item.startswith("data:image/png;base64,") for row in body["image_data"] for item in row)
@@ -95,7 +95,7 @@ def test_server_gets_the_images_as_data_urls(ctx: RunContext, fake: FakeServer) 
     assert [[i.tobytes() for i in row] for row in fake.images] == [[i.tobytes() for i in row] for row in expected], \
         "the server decodes exactly the pixels the trainer's processor read"
     text = rollout.sample(prompts=[Prompt(messages=[{"role": "user", "content": "hi"}])],
-                          params=SamplingParams(n=1, max_new_tokens=2), tools=[])
+                          params=SamplingParams(n=1, max_new_tokens=2), tools=[], interaction=None)
     assert text.multimodal is None and "image_data" not in fake.bodies("/generate")[-1]
     rollout.teardown()
 

@@ -150,7 +150,7 @@ def test_sync_weights_makes_rollout_match_trainer(make_backend: Factory, rollout
     if not through_module:
         weights = Weights(named_tensors=weights.named_tensors, version=weights.version)
     assert rollout.sync_weights(weights=weights)["sync/seconds"] >= 0
-    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[])
+    fresh = rollout.sample(prompts=batch.prompts[::3], params=SamplingParams(n=2, max_new_tokens=8, seed=0), tools=[], interaction=None)
     torch.testing.assert_close(backend.logprobs(batch=fresh, reference=False), fresh.rollout_logprobs,
                                atol=1e-5, rtol=0)
 

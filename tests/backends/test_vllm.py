@@ -104,7 +104,7 @@ def test_contract(rollout: VLLMRollout, ctx: RunContext) -> None:
 
 def test_layout_and_logprobs_match_transformers(rollout: VLLMRollout, reference: Any, prompts: list[Prompt]) -> None:
     batch = rollout.sample(prompts=prompts, params=SamplingParams(n=3, temperature=0.7, max_new_tokens=12, seed=1),
-                           tools=[])
+                           tools=[], interaction=None)
     batch.validate()
     assert len(batch) == 9 and batch.group_ids.tolist() == [i for i in range(3) for _ in range(3)]
     assert batch.temperature == 0.7
@@ -128,7 +128,7 @@ def test_top_p_logprobs_are_of_the_truncated_distribution(rollout: VLLMRollout, 
                                                           prompts: list[Prompt]) -> None:
     """With top_p < 1 vLLM reports logprobs renormalised over the nucleus: never below the full softmax's."""
     batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, temperature=1.0, top_p=0.5,
-                                                                   max_new_tokens=8, seed=2), tools=[])
+                                                                   max_new_tokens=8, seed=2), tools=[], interaction=None)
     for i in range(len(batch)):
         n = int(batch.attention_mask[i].sum())
         assert (batch.rollout_logprobs[i, :n] >= expected_logprobs(reference, batch, i, 1.0)[:n] - ATOL).all()
@@ -138,8 +138,8 @@ def test_greedy_matches_hf_rollout(rollout: VLLMRollout, ctx: RunContext, prompt
     hf = HFRollout(HFRollout.Options())
     hf.setup(ctx=ctx)
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
-    a = rollout.sample(prompts=prompts, params=params, tools=[])
-    b = hf.sample(prompts=prompts, params=params, tools=[])
+    a = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
+    b = hf.sample(prompts=prompts, params=params, tools=[], interaction=None)
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.response_ids, b.response_ids)
     assert a.temperature == 1.0 and [i["finish_reason"] for i in a.info] == [i["finish_reason"] for i in b.info]
     torch.testing.assert_close(a.rollout_logprobs, b.rollout_logprobs, atol=ATOL, rtol=0)
@@ -149,12 +149,12 @@ def test_stop_strings(rollout: VLLMRollout, prompts: list[Prompt]) -> None:
     """A stop string taken from a greedy answer ends that answer where it first appears, and stays in it."""
     tok = rollout.tokenizer
     greedy = rollout.sample(prompts=prompts[:1], params=SamplingParams(n=1, temperature=0.0, max_new_tokens=10),
-                            tools=[])
+                            tools=[], interaction=None)
     full = tok.decode(greedy.response_ids[0, :int(greedy.attention_mask[0].sum())])
     stop = next(full[k:k + 2] for k in range(len(full) // 3, len(full) - 2)
                 if full[k:k + 2].strip() and "\ufffd" not in full[k:k + 2])
     batch = rollout.sample(prompts=prompts[:1], params=SamplingParams(n=1, temperature=0.0, max_new_tokens=10,
-                                                                      stop=[stop]), tools=[])
+                                                                      stop=[stop]), tools=[], interaction=None)
     ids = batch.response_ids[0, :int(batch.attention_mask[0].sum())].tolist()
     text = tok.decode(ids)
     assert batch.info[0]["finish_reason"] == "stop" and not batch.truncated[0]
@@ -164,15 +164,15 @@ def test_stop_strings(rollout: VLLMRollout, prompts: list[Prompt]) -> None:
 def test_seeds(rollout: VLLMRollout, prompts: list[Prompt]) -> None:
     """params.seed reproduces; without it torch's global RNG decides (so rlcore's seeding covers vLLM)."""
     seeded = SamplingParams(n=2, max_new_tokens=6, seed=11)
-    assert torch.equal(rollout.sample(prompts=prompts, params=seeded, tools=[]).response_ids,
-                       rollout.sample(prompts=prompts, params=seeded, tools=[]).response_ids)
+    assert torch.equal(rollout.sample(prompts=prompts, params=seeded, tools=[], interaction=None).response_ids,
+                       rollout.sample(prompts=prompts, params=seeded, tools=[], interaction=None).response_ids)
     unseeded = SamplingParams(n=2, max_new_tokens=6)
     torch.manual_seed(3)
-    a = rollout.sample(prompts=prompts, params=unseeded, tools=[])
+    a = rollout.sample(prompts=prompts, params=unseeded, tools=[], interaction=None)
     torch.manual_seed(3)
-    b = rollout.sample(prompts=prompts, params=unseeded, tools=[])
+    b = rollout.sample(prompts=prompts, params=unseeded, tools=[], interaction=None)
     torch.manual_seed(4)
-    c = rollout.sample(prompts=prompts, params=unseeded, tools=[])
+    c = rollout.sample(prompts=prompts, params=unseeded, tools=[], interaction=None)
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
 
 
@@ -181,7 +181,7 @@ def test_many_long_seeded_prompts(rollout: VLLMRollout) -> None:
     CPU that kills the engine's worker)."""
     prompts = [Prompt(messages=[{"role": "user", "content": f"Story {i}: " + "the fox ran far away. " * 60}])
                for i in range(12)]
-    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=3, seed=0), tools=[])
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=3, seed=0), tools=[], interaction=None)
     assert int(batch.prompt_mask.sum()) > 4096 and batch.attention_mask.sum(-1).min() >= 1
 
 
@@ -190,7 +190,7 @@ def test_sync_weights_matches_the_trainer(rollout: VLLMRollout, reference: Any) 
     long prompts whose KV the prefix cache held under the old weights."""
     long = [Prompt(messages=[{"role": "user", "content": "Tell me a story about a fox. " * 30}], id="long")]
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5)
-    before = rollout.sample(prompts=long, params=params, tools=[])
+    before = rollout.sample(prompts=long, params=params, tools=[], interaction=None)
     assert_logprobs_match(reference, before)
     with torch.no_grad():
         for p in reference.parameters():
@@ -198,7 +198,7 @@ def test_sync_weights_matches_the_trainer(rollout: VLLMRollout, reference: Any) 
     assert reference.lm_head.weight is reference.model.embed_tokens.weight
     metrics = rollout.sync_weights(weights=Weights(named_tensors=lambda: iter(reference.state_dict().items())))
     assert metrics["sync/seconds"] > 0 and 0 < metrics["sync/engine_seconds"] <= metrics["sync/seconds"]
-    after = rollout.sample(prompts=long, params=params, tools=[])
+    after = rollout.sample(prompts=long, params=params, tools=[], interaction=None)
     assert not torch.equal(before.rollout_logprobs, after.rollout_logprobs)
     assert_logprobs_match(reference, after)
 
@@ -209,7 +209,7 @@ def test_adapters_are_refused_and_images_need_a_vision_model(rollout: VLLMRollou
         rollout.sync_weights(weights=Weights(named_tensors=lambda: iter([]), adapter=True))
     prompts[0].images = ["diagram.png"]
     with pytest.raises(RLCoreError, match="no image processor, so it cannot read images"):
-        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[])
+        rollout.sample(prompts=prompts, params=SamplingParams(n=1), tools=[], interaction=None)
 
 
 def test_unsupported_head_size_is_refused_before_starting(tmp_path: Path) -> None:
@@ -228,14 +228,14 @@ def test_server_mode(tmp_path: Path) -> None:
         process = rollout.engine.process
         prompts = [Prompt(messages=[{"role": "user", "content": "Hello there"}])]
         params = SamplingParams(n=3, temperature=0.9, max_new_tokens=8, seed=0)
-        batch = rollout.sample(prompts=prompts, params=params, tools=[])
+        batch = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
         batch.validate()
         assert_logprobs_match(reference, batch)
         with torch.no_grad():
             for p in reference.parameters():
                 p.mul_(1.1)
         rollout.sync_weights(weights=Weights(named_tensors=lambda: iter(reference.state_dict().items())))
-        assert_logprobs_match(reference, rollout.sample(prompts=prompts, params=params, tools=[]))
+        assert_logprobs_match(reference, rollout.sample(prompts=prompts, params=params, tools=[], interaction=None))
     finally:
         rollout.teardown()
     assert process.poll() is not None, "teardown stops the server it started"

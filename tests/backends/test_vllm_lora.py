@@ -55,7 +55,7 @@ def sample(rollout: VLLMRollout, seed: int) -> RolloutBatch:
     prompts = [Prompt(messages=[{"role": "user", "content": c}], id=str(i))
                for i, c in enumerate(["What is 2+3?", "Name a colour.", "Tell me a story about a fox. " * 20])]
     return rollout.sample(prompts=prompts, params=SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=seed),
-                          tools=[])
+                          tools=[], interaction=None)
 
 
 def train(backend: LoRABackend, batch: RolloutBatch, steps: int) -> None:

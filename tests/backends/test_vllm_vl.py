@@ -66,7 +66,7 @@ def trainer(ctx: RunContext) -> TorchBackend:
 
 def test_images_reach_vllm_and_the_batch_keeps_the_trainers_inputs(rollout: VLLMRollout, ctx: RunContext) -> None:
     prompts = diagram_prompts()
-    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=3), tools=[])
+    batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=3), tools=[], interaction=None)
     batch.validate()
     processor = load_processor(ctx.model.path, ctx.model.tokenizer)
     config = rollout.model_config
@@ -83,17 +83,17 @@ def test_images_reach_vllm_and_the_batch_keeps_the_trainers_inputs(rollout: VLLM
 def test_sampling_depends_on_the_image(rollout: VLLMRollout) -> None:
     a, b = diagram_prompts(2)
     same_text = [a, Prompt(messages=a.messages, images=b.images, id="swapped")]
-    out = rollout.sample(prompts=same_text, params=SamplingParams(n=1, max_new_tokens=6, temperature=0.0), tools=[])
+    out = rollout.sample(prompts=same_text, params=SamplingParams(n=1, max_new_tokens=6, temperature=0.0), tools=[], interaction=None)
     assert not torch.equal(out.rollout_logprobs[0], out.rollout_logprobs[1])
 
 
 def test_logprobs_follow_the_trainer(rollout: VLLMRollout, trainer: TorchBackend) -> None:
     """Text-only prompts on the VL model: equal to 1e-4. With images: within IMAGE_ATOL (see there)."""
     text = [Prompt(messages=[{"role": "user", "content": "What is the area?"}], id="t")]
-    batch = rollout.sample(prompts=text, params=SamplingParams(n=3, max_new_tokens=10, seed=4), tools=[])
+    batch = rollout.sample(prompts=text, params=SamplingParams(n=3, max_new_tokens=10, seed=4), tools=[], interaction=None)
     mask = batch.attention_mask.bool()
     assert (trainer.logprobs(batch=batch, reference=False) - batch.rollout_logprobs)[mask].abs().max() < TEXT_ATOL
-    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=10, seed=5), tools=[])
+    batch = rollout.sample(prompts=diagram_prompts(), params=SamplingParams(n=2, max_new_tokens=10, seed=5), tools=[], interaction=None)
     mask = batch.attention_mask.bool()
     diff = (trainer.logprobs(batch=batch, reference=False) - batch.rollout_logprobs)[mask].abs()
     assert diff.max() < IMAGE_ATOL, f"vLLM vs trainer with images: max {diff.max():.4f}, mean {diff.mean():.4f}"
@@ -104,19 +104,19 @@ def test_weight_sync_reaches_the_vision_tower_and_the_tied_head(rollout: VLLMRol
     vision-language model keeps in its language model, is repacked) and image prompts within IMAGE_ATOL."""
     prompts = diagram_prompts()
     greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
-    before = rollout.sample(prompts=prompts, params=greedy, tools=[])
+    before = rollout.sample(prompts=prompts, params=greedy, tools=[], interaction=None)
     for step in range(3):
-        batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=6 + step), tools=[])
+        batch = rollout.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=8, seed=6 + step), tools=[], interaction=None)
         batch.advantages = torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(step))
         batch.advantages *= batch.response_mask
         trainer.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan())
         rollout.sync_weights(weights=trainer.policy_weights())
-    after = rollout.sample(prompts=prompts, params=greedy, tools=[])
+    after = rollout.sample(prompts=prompts, params=greedy, tools=[], interaction=None)
     assert not torch.equal(before.rollout_logprobs, after.rollout_logprobs)
     mask = after.attention_mask.bool()
     assert (trainer.logprobs(batch=after, reference=False) - after.rollout_logprobs)[mask].abs().max() < IMAGE_ATOL
     text = rollout.sample(prompts=[Prompt(messages=[{"role": "user", "content": "What is the area?"}])],
-                          params=SamplingParams(n=3, max_new_tokens=10, seed=9), tools=[])
+                          params=SamplingParams(n=3, max_new_tokens=10, seed=9), tools=[], interaction=None)
     mask = text.attention_mask.bool()
     assert (trainer.logprobs(batch=text, reference=False) - text.rollout_logprobs)[mask].abs().max() < TEXT_ATOL
 
@@ -125,7 +125,7 @@ def test_multi_turn_with_images(rollout: VLLMRollout) -> None:
     """The tool loop over vLLM: every turn of a sample generates with its image (a random model seldom calls
     the tool, so the loop's turn bookkeeping, masks and per-sample images are what is checked)."""
     batch = rollout.sample(prompts=diagram_prompts(2), params=SamplingParams(n=2, max_new_tokens=12, seed=7),
-                           tools=[Echo()])
+                           tools=[Echo()], interaction=None)
     batch.validate()
     assert all(i["turns"] >= 1 for i in batch.info) and len(batch.multimodal) == 4
     sizes = [int(m["image_grid_thw"].prod()) for m in batch.multimodal]
@@ -138,11 +138,11 @@ def test_server_mode_takes_images(rollout: VLLMRollout, ctx: RunContext) -> None
     start.setup(ctx=ctx)
     rollout.sync_weights(weights=start.policy_weights())  # the offline engine back on the starting weights
     greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
-    local = rollout.sample(prompts=diagram_prompts(2), params=greedy, tools=[])
+    local = rollout.sample(prompts=diagram_prompts(2), params=greedy, tools=[], interaction=None)
     server = VLLMRollout(VLLMRollout.Options(mode="server", max_model_len=1024, kv_cache_gib=1, images_per_prompt=2))
     server.setup(ctx=ctx)
     try:
-        served = server.sample(prompts=diagram_prompts(2), params=greedy, tools=[])
+        served = server.sample(prompts=diagram_prompts(2), params=greedy, tools=[], interaction=None)
     finally:
         server.teardown()
     assert torch.equal(served.response_ids, local.response_ids)

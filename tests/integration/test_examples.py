@@ -15,7 +15,7 @@ from rlcore_cli import rlcore
 
 from rlcore.cli import main
 from rlcore.metrics import MetricsLog
-from rlcore.models import EMBEDDED_VL
+from rlcore.models import EMBEDDED_TOOLS, EMBEDDED_VL
 from rlcore.plugins import available
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,8 +73,8 @@ def test_recipe_dry_runs_with_consistent_parallel_sizes(recipe, monkeypatch):
     if "npu" in recipe:
         assert plugins["hardware"] == "npu"
     if recipe.split("/")[-1].startswith("cpu"):
-        assert plugins["hardware"] == "cpu" and config["trainer"]["model"] in ("", EMBEDDED_VL), \
-            "CPU recipes use the embedded model (the embedded vision-language model for image tasks)"
+        assert plugins["hardware"] == "cpu" and config["trainer"]["model"] in ("", EMBEDDED_VL, EMBEDDED_TOOLS), \
+            "CPU recipes use an embedded model (vision-language for image tasks, the tool model for chat turns)"
 
 
 MEGATRON_LM_RL = {
@@ -127,6 +127,7 @@ def test_every_recipe_has_a_line_in_the_readme():
     ("gsm8k-grpo/cpu.yaml", ["score/correct", "kl_ref"]),
     ("gsm8k-multiturn/cpu.yaml", ["rollout/turns", "rollout/tool_calls"]),
     ("gsm8k-multiturn/cpu-dapo-code.yaml", ["score/has_code", "filter/extra_rounds"]),
+    ("gsm8k-multiturn/cpu-interaction.yaml", ["rollout/user_turns", "rollout/interaction_score"]),
     ("math-gmpo/cpu.yaml", ["score/correct", "score/timeout"]),
     ("geo3k-multiturn/cpu.yaml", ["score/correct", "score/format", "mismatch/abs_diff_max", "rollout/turns"]),
 ])

@@ -224,3 +224,43 @@ def test_registered_as_the_arithmetic_task_and_fits_the_contract():
     batch.prompts, batch.texts = list(prompts), [p.answer for p in prompts]
     scores = registry.hook.score(batch=batch)
     assert torch.equal(scores.rewards, torch.ones(3))
+
+
+# ---- calculator mode ----------------------------------------------------------------------------------------
+
+def test_the_calculator_is_offered_only_in_calculator_mode():
+    assert task().tools() == []
+    assert [t.name for t in task(calculator=True).tools()] == ["calculator"]
+
+
+def test_demonstrations_solve_each_problem_with_the_calculator_at_the_configured_rate():
+    t = task(min_operand=317, max_operand=999, ops="*", calculator=True, demo_tool_rate=0.25)
+    demos, problems = t.demonstrations("train"), t.dataset("train")
+    assert len(demos) == len(problems) and demos[5] == demos[5]
+    used = 0
+    for i in range(400):
+        demo, p = demos[i], problems[i]
+        assert demo[:-1][:1] == p.messages and demo[-1] == {"role": "assistant", "content": p.answer}
+        if len(demo) == 4:
+            used += 1
+            call = demo[1]["tool_calls"][0]["function"]
+            assert call == {"name": "calculator", "arguments": {"expression": p.messages[0]["content"][:-1]}}
+            assert demo[2] == {"role": "tool", "content": p.answer}, "the calculator's answer is the reference"
+    assert 60 < used < 140, f"{used} of 400 demonstrations use the calculator at rate 0.25"
+    assert all(len(d) == 2 for d in task(calculator=True, demo_tool_rate=0.0).demonstrations("train")[:50])
+    assert all(len(d) == 2 for d in task(demo_tool_rate=1.0).demonstrations("train")[:50]), "no tool offered"
+
+
+def test_calculator_mode_reads_the_last_assistant_turn():
+    """Neither the tool's answer nor the numbers of the call count: only what the model says at the end."""
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'
+    turns = [[{"role": "assistant", "content": call}, {"role": "tool", "content": "42"},
+              {"role": "assistant", "content": "42"}],
+             [{"role": "assistant", "content": call}, {"role": "tool", "content": "42"},
+              {"role": "assistant", "content": "41"}],
+             [{"role": "assistant", "content": call}]]
+    batch = make_batch(groups=1, n=4)
+    batch.prompts = [problem("42")] * 4
+    batch.texts = [call + "42" + "42", call + "42" + "41", call, "42"]
+    batch.info = [{"messages": m} for m in turns] + [{}]
+    assert task(calculator=True, extract="strict").score(batch).rewards.tolist() == [1, 0, 0, 1]

@@ -6,6 +6,7 @@ test suite; a third-party plugin calls the same function from its own tests.
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,10 @@ def check_rollout(plugin: Any, ctx: RunContext, prompts: list[Prompt] | None = N
     """After setup, sample returns a valid batch of n responses per prompt with logprobs <= 0."""
     plugin.setup(ctx=ctx)
     prompts = prompts or make_prompts(3)
-    batch = plugin.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=5, temperature=1.0), tools=[])
+    turns: dict[str, Any] = {"tools": []}
+    if "interaction" in inspect.signature(plugin.sample).parameters:  # an optional hook argument
+        turns["interaction"] = None
+    batch = plugin.sample(prompts=prompts, params=SamplingParams(n=2, max_new_tokens=5, temperature=1.0), **turns)
     assert isinstance(batch, RolloutBatch), "sample must return rlcore.RolloutBatch"
     batch.validate()
     assert len(batch) == 2 * len(prompts), f"expected {2 * len(prompts)} responses, got {len(batch)}"

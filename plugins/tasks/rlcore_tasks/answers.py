@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from typing import Any
 
 NUMBER = re.compile(r"(?<![\d.])-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 """An integer or decimal with an optional sign, `$` and thousands commas ("-$1,234.50"). A '-' counts as a
@@ -50,6 +51,16 @@ def gsm8k_reference(solution: str) -> str:
 def without_tool_responses(text: str) -> str:
     """`text` less the `<tool_response>` blocks that chat templates wrap tool output in."""
     return TOOL_RESPONSE.sub("", text)
+
+
+def final_turns(texts: list[str], infos: list[dict[str, Any]]) -> list[str]:
+    """Each response's last assistant turn, which multi-turn rollouts record in `info["messages"]` (so tool
+    output and the calls' own numbers are not read as the answer); the whole text where there is none."""
+    out = []
+    for text, info in zip(texts, infos or [{}] * len(texts)):
+        turns = [m.get("content") or "" for m in info.get("messages") or [] if m.get("role") == "assistant"]
+        out.append(turns[-1] if turns else text)
+    return out
 
 
 def _braced(text: str, start: int) -> str | None:

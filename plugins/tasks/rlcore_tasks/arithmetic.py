@@ -3,6 +3,10 @@
 The compact style ("3+4=" -> "7") fits the embedded tiny model's alphabet `0123456789+-*=`, so a
 random-init model already hits the answer now and then and GRPO has signal from the first step; the
 instruct style asks a chat model in words ("What is 3 + 4? Answer with just the number.").
+
+With `calculator` the task offers a calculator tool (multi-turn) and reads the answer from the last
+assistant turn; its `demonstrations` (for `rlcore warmstart`) solve a share of the problems with the
+tool and answer the rest directly, so a warm-started model calls the tool that often before RL.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ import operator
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import attrs
 
-from rlcore import Prompt, RolloutBatch, Scores, hookimpl
+from rlcore import Prompt, RolloutBatch, Scores, Tool, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
 from rlcore_tasks import procedural
+from rlcore_tasks.answers import final_turns
+from rlcore_tasks.tools import Calculator, calculate
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 SPLITS = ("train", "test")
@@ -60,6 +66,36 @@ class Problems(procedural.Problems):
                       id=f"{self.split}-{i}", meta={"operands": [a, b], "op": op})
 
 
+class Demonstrations(Sequence[list[dict[str, Any]]]):
+    """A split's worked conversations, one per problem, generated on access: a calculator call, its answer
+    and the result (with probability `demo_tool_rate` when the calculator is offered), else the answer."""
+
+    def __init__(self, problems: Problems) -> None:
+        self.problems = problems
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    @overload
+    def __getitem__(self, index: int) -> list[dict[str, Any]]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[list[dict[str, Any]]]: ...
+    def __getitem__(self, index: int | slice) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        prompt = self.problems[index]
+        o = self.problems.options
+        rng = random.Random(f"arithmetic-demonstration:{o.seed}:{self.problems.split}:{prompt.id}")
+        if not (o.calculator and rng.random() < o.demo_tool_rate):
+            return prompt.messages + [{"role": "assistant", "content": prompt.answer}]
+        a, b = prompt.meta["operands"]
+        expression = f"{a}{prompt.meta['op']}{b}"
+        call = {"type": "function", "function": {"name": Calculator.name, "arguments": {"expression": expression}}}
+        return prompt.messages + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                  {"role": "tool", "content": calculate(expression)},
+                                  {"role": "assistant", "content": prompt.answer}]
+
+
 class Arithmetic:
     """Procedural arithmetic: `dataset` yields lazy seeded problems, `score` checks the exact answer."""
 
@@ -84,6 +120,10 @@ class Arithmetic:
         """Seed of the problem set (independent of the training seed)."""
         format_reward: float = attrs.field(default=0.0, validator=check_range(0.0))
         """Extra reward for a response that is only a number."""
+        calculator: bool = False
+        """Offer a calculator tool (multi-turn rollouts); the answer is read from the last assistant turn."""
+        demo_tool_rate: float = attrs.field(default=1.0, validator=check_range(0.0, 1.0))
+        """With `calculator`: the share of the warm-start demonstrations that use it (the rest answer directly)."""
 
         def __attrs_post_init__(self) -> None:
             if self.max_operand < self.min_operand:
@@ -101,8 +141,22 @@ class Arithmetic:
         return Problems(self.options, split, size)
 
     @hookimpl
+    def tools(self) -> list[Tool]:
+        """The calculator when `calculator` is on, else none (single-turn)."""
+        return [Calculator()] if self.options.calculator else []
+
+    @hookimpl
+    def demonstrations(self, split: str) -> Sequence[list[dict[str, Any]]]:
+        """Worked conversations for `rlcore warmstart`, one per problem of the split."""
+        problems = self.dataset(split)
+        return Demonstrations(problems)
+
+    @hookimpl
     def score(self, batch: RolloutBatch) -> Scores:
-        """Reward = correct (+ format_reward when the response is only a number)."""
+        """Reward = correct (+ format_reward when the response is only a number); with the calculator, of the
+        last assistant turn."""
+        if self.options.calculator:
+            batch = attrs.evolve(batch, texts=final_turns(batch.texts, batch.info))
         return score_each(batch, self.reward)
 
     def reward(self, text: str, prompt: Prompt) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""GSM8K grade-school math word problems: verl's prompt, `#### N` answers, and a multi-turn mode with a
-calculator and verl's answer-check tool (the `gsm8k_tool` recipe).
+"""GSM8K grade-school math word problems: verl's prompt, `#### N` answers, a multi-turn mode with a
+calculator and verl's answer-check tool (the `gsm8k_tool` recipe), and an interaction mode in which a
+simulated user says whether the answer is right and asks for another try (the `_w_interaction` recipe).
 
 Rows are GSM8K's own (`question`, `answer` ending in `#### N`) or verl's parquet rows (`prompt` chat
 messages, `reward_model.ground_truth`), whose messages are used unchanged.
@@ -12,12 +13,13 @@ from typing import Any
 
 import attrs
 
-from rlcore import Prompt, RolloutBatch, Scores, Tool, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, Scores, Tool, hookimpl
 from rlcore.config import check_choice
 from rlcore.errors import DataError
 from rlcore.scoring import score_each
 from rlcore_tasks.answers import gsm8k_answer, gsm8k_reference, parse_number, plain_number, without_tool_responses
 from rlcore_tasks.datafiles import BAD_ROWS, BadRow, field, is_verl_row, load_split, to_prompts, verl_fields
+from rlcore_tasks.interactions import GSM8KInteraction
 from rlcore_tasks.tools import Calculator, GSM8KAnswerCheck
 
 SPLITS = ("train", "test")
@@ -30,11 +32,18 @@ TOOL_SYSTEM_PROMPT = (
     "Put your final answer in the format of `#### <answer>`."
 )
 """verl's system prompt for its GSM8K multi-turn recipe, naming the calculator too."""
+INTERACTION_SYSTEM_PROMPT = (
+    "You are a math expert. You are given a question and you need to solve it step by step. "
+    "You should rethinking carefully if user point out your answer is wrong. "
+    "Put your final answer in the format of `#### <answer>`."
+)
+"""verl's system prompt for its GSM8K recipe with an interaction (`gsm8k_multiturn_w_interaction.py`), verbatim."""
 
 
 class GSM8K:
     """GSM8K: `dataset` reads the split's rows, `score` compares the response's final number with the
-    reference; with `multi_turn`, `tools` offers a calculator and the answer check."""
+    reference; with `multi_turn`, `tools` offers a calculator and the answer check; with `interaction`, a
+    simulated user answers each turn (`interaction`)."""
 
     @attrs.define
     class Options:
@@ -51,6 +60,9 @@ class GSM8K:
         (`flexible`)."""
         multi_turn: bool = False
         """Offer the calculator and `calc_gsm8k_reward` tools and tell the model to use them."""
+        interaction: bool = False
+        """Answer the model between turns as verl's GSM8K interaction does ("Your response is incorrect! You need
+        to reflect on your answer and try again."), until it is right or the rollout's turn limits end it."""
         bad_rows: str = attrs.field(default="error", validator=check_choice(*BAD_ROWS))
         """A row with a missing field or an unparseable answer: `error` stops with its file, index and
         field; `skip` leaves it out with a warning naming it."""
@@ -82,14 +94,20 @@ class GSM8K:
         except ValueError as e:
             raise BadRow(f"field 'answer': {e}") from None
         messages = [{"role": "user", "content": f"{question} {INSTRUCTION}"}]
-        if self.options.multi_turn:
-            messages.insert(0, {"role": "system", "content": TOOL_SYSTEM_PROMPT})
+        if self.options.multi_turn or self.options.interaction:
+            system = TOOL_SYSTEM_PROMPT if self.options.multi_turn else INTERACTION_SYSTEM_PROMPT
+            messages.insert(0, {"role": "system", "content": system})
         return Prompt(messages=messages, answer=truth, id=prompt_id, meta={"index": index, "solution": solution})
 
     @hookimpl
     def tools(self) -> list[Tool]:
         """The calculator and the answer check in multi-turn mode, else none."""
         return [Calculator(), GSM8KAnswerCheck()] if self.options.multi_turn else []
+
+    @hookimpl
+    def interaction(self) -> Interaction | None:
+        """verl's GSM8K interaction in interaction mode, else none."""
+        return GSM8KInteraction() if self.options.interaction else None
 
     @hookimpl
     def score(self, batch: RolloutBatch) -> Scores:

@@ -1,9 +1,9 @@
 """The engine-agnostic rollout: an `Engine` turns token-id prompts into completions; `run_turns` drives it.
 
 Every rollout plugin (hf, vllm, sglang) wraps its engine in the `Engine` protocol and calls `run_turns`,
-which renders the prompts, runs one turn (no tools) or the multi-turn tool loop, and assembles the
-`RolloutBatch` with `build_batch`. So layout, stop handling, tool calls and loss masks are the same
-whatever engine samples.
+which renders the prompts, runs one turn (no tools, no interaction) or the multi-turn loop (tool calls,
+interaction replies), and assembles the `RolloutBatch` with `build_batch`. So layout, stop handling, tool
+calls, interactions and loss masks are the same whatever engine samples.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, ToolResult
 from rlcore.config import check_range
 from rlcore.errors import RLCoreError
-from rlcore_backends.rollout.multiturn import ToolRunner, parse_tool_calls, tool_turn_ids, truncate_text
+from rlcore_backends.rollout.multiturn import InteractionRunner, ToolRunner, truncate_text, turn_ids
+from rlcore_backends.rollout.toolformats import check_tool_format, tool_format
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -37,14 +38,20 @@ class Completion:
 
 @attrs.define
 class TurnOptions:
-    """Multi-turn tool options shared by every rollout plugin built on `run_turns` (subclass it)."""
+    """Multi-turn options shared by every rollout plugin built on `run_turns` (subclass it)."""
 
     max_turns: int = attrs.field(default=4, validator=check_range(1))
-    """Assistant turns per sample when the task has tools (a turn that calls no tool ends the sample)."""
+    """Assistant turns per sample when the task has tools or an interaction (a turn that calls no tool and
+    gets no interaction reply ends the sample)."""
     max_tool_response_tokens: int = attrs.field(default=256, validator=check_range(1))
     """Tool answers longer than this many tokens are cut (and marked as cut) before the model reads them."""
     tool_timeout: float = attrs.field(default=30.0, validator=check_range(0.001))
     """Seconds the tool calls of one turn may take together; a call still running gets a timeout error."""
+    tool_format: str = attrs.field(default="hermes", validator=check_tool_format)
+    """How the model writes tool calls: `hermes` (Qwen2.5, Qwen3: JSON in `<tool_call>`) or `qwen3_coder`
+    (Qwen3-Coder's `<function=...><parameter=...>` XML); packages add more (`rlcore.tool_format` entry points)."""
+    max_user_turns: int = attrs.field(default=0, validator=check_range(0))
+    """Interaction replies per sample at most (verl's `max_user_turns`); 0: as many as `max_turns` allows."""
 
 
 class Engine(Protocol):
@@ -125,25 +132,31 @@ def build_batch(prompts: Sequence[Prompt], prompt_ids: list[list[int]], completi
 
 
 def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params: SamplingParams,
-              tools: Sequence[Tool] = (), max_turns: int = 1, max_tool_response_tokens: int = 256,
-              tool_timeout: float = 30.0, rendered: Sequence[list[int]] | None = None,
+              tools: Sequence[Tool] = (), options: TurnOptions | None = None, interaction: Interaction | None = None,
+              rendered: Sequence[list[int]] | None = None,
               multimodal: Sequence[dict[str, Tensor]] | None = None) -> RolloutBatch:
-    """`params.n` samples per prompt: one engine call when there are no tools, else the multi-turn tool loop.
+    """`params.n` samples per prompt: one engine call without tools and interaction, else the multi-turn loop.
 
-    With tools, each sample alternates assistant turns and tool-role turns (hermes `<tool_call>` blocks
-    executed concurrently across the batch, answers rendered by the chat template and masked out of the
-    loss) until a turn calls no tool, `max_turns` assistant turns were taken, or the response reaches
-    `params.max_new_tokens` tokens, which bounds the whole response (all turns and tool output).
-    `batch.info[i]` then counts `turns`, `tool_calls` and `tool_errors` (failed calls, answered with error
-    text the model reads) and sums the tools' step rewards as `tool_reward`.
+    Multi-turn, each sample alternates assistant turns with the turns that answer them: tool-role turns
+    when the assistant turn calls tools (read in `options.tool_format`, executed concurrently across the
+    batch), else a user turn from the `interaction` (verl's Interaction: "that's wrong, try again"). Both
+    are rendered by the chat template and masked out of the loss. A sample ends when a turn gets no
+    answer (no call, no interaction, or the interaction is done), after `options.max_turns` assistant
+    turns, or when the response reaches `params.max_new_tokens` tokens, which bounds the whole response
+    (all turns). `batch.info[i]` then counts `turns`, `tool_calls`, `tool_errors` (failed calls, answered
+    with error text the model reads) and sums the tools' step rewards as `tool_reward`; `messages` holds
+    the response's turns as chat messages. With an interaction it also holds `user_turns`, `turn_rewards`
+    (one per reply), `interaction_reward` (their sum), `interaction_score` (the final score) and
+    `interaction_errors`.
 
     Vision-language prompts come `rendered` (token ids per prompt, image tokens included) with their
     `multimodal` inputs (one dict per prompt): each `engine.generate` call then gets the inputs of its rows
     as `multimodal=`, and the batch keeps them per sample.
     """
     prompts = list(prompts)
+    options = options or TurnOptions()
     mm = [m for m in multimodal for _ in range(params.n)] if multimodal is not None else None
-    if not tools:
+    if not tools and interaction is None:
         prompt_ids = [list(rendered[k]) if rendered is not None else render(tokenizer, p)
                       for k, p in enumerate(prompts) for _ in range(params.n)]
         extra = {"multimodal": mm} if mm is not None else {}
@@ -152,58 +165,106 @@ def run_turns(engine: Engine, tokenizer: Any, prompts: Sequence[Prompt], params:
         batch.multimodal = mm
         return batch
     if not tokenizer.chat_template:
-        raise RLCoreError("multi-turn tool calls need a tokenizer with a chat template (to render tool turns); "
-                          "use a chat model or a task without tools")
+        raise RLCoreError("multi-turn rollouts (tool calls, interactions) need a tokenizer with a chat template "
+                          "(to render the turns); use a chat model or a single-turn task")
     schemas = [t.schema() for t in tools]
     prompt_ids = [list(rendered[k]) if rendered is not None else render(tokenizer, p, p.tools or schemas)
                   for k, p in enumerate(prompts) for _ in range(params.n)]
     samples = [_Sample(p) for p in prompts for _ in range(params.n)]
-    runner = ToolRunner(tools, timeout=tool_timeout)
+    calls = tool_format(options.tool_format) if tools else None
+    runner = ToolRunner(tools, timeout=options.tool_timeout)
+    talk = InteractionRunner(interaction) if interaction is not None else None
     try:
+        if talk is not None:
+            for i, sample in enumerate(samples):
+                sample.talking = talk.start(i, sample.prompt)
+                sample.interaction_errors += not sample.talking
         active = list(range(len(samples)))
-        for turn in range(max_turns):
+        for turn in range(options.max_turns):
             budgets = [params.max_new_tokens - len(samples[i].tokens) for i in active]
             seed = None if params.seed is None else params.seed + turn * len(samples)  # fresh seeds every turn
             extra = {"multimodal": [mm[i] for i in active]} if mm is not None else {}
             outs = engine.generate([prompt_ids[i] + samples[i].tokens for i in active],
                                    attrs.evolve(params, n=1, max_new_tokens=max(budgets), seed=seed,
                                                 min_new_tokens=min(params.min_new_tokens, max(budgets))), **extra)
-            calling: list[int] = []
+            calling, replying = [], []
             for i, budget, out in zip(active, budgets, outs):
-                sample = samples[i]
-                sample.add(out.token_ids[:budget], out.logprobs[:budget], loss=1)
+                sample, tokens = samples[i], out.token_ids[:budget]
+                sample.add(tokens, out.logprobs[:budget], loss=1)
                 sample.finish = "length" if len(out.token_ids) > budget else out.finish_reason
                 sample.turns += 1
-                if sample.finish == "eos" and turn + 1 < max_turns:
-                    sample.calls = parse_tool_calls(tokenizer.decode(out.token_ids[:budget]))
-                    if sample.calls:
-                        calling.append(i)
-            results = runner.run([(samples[i].prompt, i, samples[i].calls) for i in calling])
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                sample.messages.append({"role": "assistant", "content": text})
+                if sample.finish != "eos" or turn + 1 == options.max_turns:
+                    continue
+                sample.calls = calls.parse(tokenizer.decode(tokens), tools) if calls is not None else []
+                if sample.calls:
+                    calling.append(i)
+                elif sample.talking and (not options.max_user_turns or sample.user_turns < options.max_user_turns):
+                    replying.append(i)
+            answers = _tool_answers(tokenizer, samples, runner.run([(samples[i].prompt, i, samples[i].calls)
+                                                                    for i in calling]), options)
+            if talk is not None:
+                answers.update(_interaction_answers(talk, samples, replying))
             active = []
-            for i in calling:
-                sample, texts = samples[i], [truncate_text(tokenizer, r.text, max_tool_response_tokens)
-                                             for r in results[i]]
-                sample.tool_calls += len(results[i])
-                sample.tool_errors += sum(r.error for r in results[i])
-                sample.tool_reward += sum(r.reward for r in results[i])
-                ids = tool_turn_ids(tokenizer, texts, end_of_turn=sample.tokens[-1])
+            for i in sorted(answers):
+                sample = samples[i]
+                ids = turn_ids(tokenizer, answers[i], end_of_turn=sample.tokens[-1])
                 room = params.max_new_tokens - len(sample.tokens)
                 sample.add(ids[:room], [0.0] * min(len(ids), room), loss=0)
+                sample.messages += answers[i]
                 if len(ids) >= room:
                     sample.finish = "length"
                 else:
                     active.append(i)
             if not active:
                 break
+        if talk is not None:
+            for i, sample in enumerate(samples):
+                score = talk.score(i) if sample.talking else None
+                sample.interaction_score = score or 0.0
+                sample.interaction_errors += sample.talking and score is None
     finally:
         runner.close()
+        if talk is not None:
+            talk.close()
     completions = [Completion(s.tokens, s.logprobs, s.finish) for s in samples]
-    info = [{"turns": s.turns, "tool_calls": s.tool_calls, "tool_errors": s.tool_errors,
-             "tool_reward": s.tool_reward} for s in samples]
     batch = build_batch(prompts, prompt_ids, completions, tokenizer, params, params.n,
-                        loss_masks=[s.loss_mask for s in samples], info=info)
+                        loss_masks=[s.loss_mask for s in samples], info=[s.info(talk is not None) for s in samples])
     batch.multimodal = mm
     return batch
+
+
+def _tool_answers(tokenizer: Any, samples: list[_Sample], results: dict[int, list[ToolResult]],
+                  options: TurnOptions) -> dict[int, list[dict[str, Any]]]:
+    """The tool-role messages answering each calling sample (texts cut to `max_tool_response_tokens`),
+    counted into the samples' tool statistics."""
+    answers = {}
+    for i, done in results.items():
+        sample = samples[i]
+        sample.tool_calls += len(done)
+        sample.tool_errors += sum(r.error for r in done)
+        sample.tool_reward += sum(r.reward for r in done)
+        answers[i] = [{"role": "tool", "content": truncate_text(tokenizer, r.text, options.max_tool_response_tokens)}
+                      for r in done]
+    return answers
+
+
+def _interaction_answers(talk: InteractionRunner, samples: list[_Sample],
+                         replying: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """The user turns the interaction answers with (none for a sample it ends), its rewards recorded."""
+    answers = {}
+    for i in replying:
+        sample = samples[i]
+        reply = talk.respond(i, sample.prompt.messages + sample.messages)
+        if reply is None:
+            sample.interaction_errors += 1
+            continue
+        sample.user_turns += 1
+        sample.turn_rewards.append(float(reply.reward))
+        if not reply.done:
+            answers[i] = [{"role": "user", "content": reply.text}]
+    return answers
 
 
 @attrs.define
@@ -214,15 +275,31 @@ class _Sample:
     tokens: list[int] = attrs.field(factory=list)
     logprobs: list[float] = attrs.field(factory=list)
     loss_mask: list[int] = attrs.field(factory=list)
+    messages: list[dict[str, Any]] = attrs.field(factory=list)
     finish: str = "length"
     calls: list[Any] = attrs.field(factory=list)
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
     tool_reward: float = 0.0
+    talking: bool = False
+    user_turns: int = 0
+    turn_rewards: list[float] = attrs.field(factory=list)
+    interaction_score: float = 0.0
+    interaction_errors: int = 0
 
     def add(self, tokens: list[int], logprobs: list[float], loss: int) -> None:
-        """Append tokens with their logprobs; `loss` 1 for policy tokens, 0 for tool output."""
+        """Append tokens with their logprobs; `loss` 1 for policy tokens, 0 for tool and interaction turns."""
         self.tokens += tokens
         self.logprobs += logprobs
         self.loss_mask += [loss] * len(tokens)
+
+    def info(self, interaction: bool) -> dict[str, Any]:
+        """The per-sample details `run_turns` reports (see there)."""
+        out: dict[str, Any] = {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
+                               "tool_reward": self.tool_reward, "messages": self.messages}
+        if interaction:
+            out.update(user_turns=self.user_turns, turn_rewards=self.turn_rewards,
+                       interaction_reward=sum(self.turn_rewards), interaction_score=self.interaction_score,
+                       interaction_errors=self.interaction_errors)
+        return out

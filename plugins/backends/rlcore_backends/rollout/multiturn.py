@@ -1,64 +1,26 @@
-"""Pieces of the multi-turn tool loop: parse hermes tool calls, run them safely, render tool turns.
+"""Pieces of the multi-turn loop: run tool calls safely, render the turns that answer the model.
 
-Whatever goes wrong in a tool call (malformed JSON, an unknown tool, wrong arguments, an exception, a
+Whatever goes wrong in a tool call (a malformed call, an unknown tool, wrong arguments, an exception, a
 timeout) becomes error text that the model reads in its next turn and a counted error, never a crash.
+Calls are read from the model's text by a tool-call format (`toolformats`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
-
-from rlcore import Prompt, Tool, ToolResult
+from rlcore import Interaction, InteractionTurn, Prompt, Tool, ToolCall, ToolResult
 from rlcore.errors import RLCoreError
 
-TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,), "null": (type(None),)}
 ASSISTANT_MARK = "rlcore-assistant-turn"
-"""Content of the placeholder assistant message whose end `tool_turn_ids` looks for."""
-
-
-@attrs.define
-class ToolCall:
-    """One parsed `<tool_call>` block; `error` is set (and nothing runs) when it could not be parsed."""
-
-    name: str = ""
-    arguments: dict[str, Any] = attrs.field(factory=dict)
-    error: str = ""
-
-
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """The hermes-format calls in an assistant message: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-    (arguments may also be a JSON string holding the object); an unclosed last block is parsed too."""
-    calls = []
-    for body in TOOL_CALL.findall(text):
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as e:
-            calls.append(ToolCall(error=f"the tool call is not valid JSON ({e.msg} at char {e.pos}); write "
-                                        '<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>'))
-            continue
-        args = data.get("arguments", {}) if isinstance(data, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                args = None
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(args, dict):
-            calls.append(ToolCall(error='a tool call must be a JSON object {"name": "<tool>", "arguments": '
-                                        "{...}} with a string name and an object of arguments"))
-            continue
-        calls.append(ToolCall(name=data["name"], arguments=args))
-    return calls
+"""Content of the placeholder assistant message whose end `turn_ids` looks for."""
 
 
 def argument_errors(parameters: dict[str, Any], arguments: dict[str, Any]) -> list[str]:
@@ -91,18 +53,18 @@ def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens]) + "...(truncated)"
 
 
-def tool_turn_ids(tokenizer: Any, texts: Sequence[str], end_of_turn: int) -> list[int]:
-    """Token ids that follow an assistant turn ended by the token `end_of_turn`: the tool-role messages
-    holding `texts`, as the chat template renders them, and the next assistant generation prompt."""
-    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ASSISTANT_MARK}]
-    text = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": t} for t in texts],
-                                         add_generation_prompt=True, tokenize=False)
+def turn_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], end_of_turn: int) -> list[int]:
+    """Token ids that follow an assistant turn ended by the token `end_of_turn`: `messages` (tool answers,
+    or a user turn from an interaction) as the chat template renders them, and the next assistant
+    generation prompt."""
+    placeholder = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ASSISTANT_MARK}]
+    text = tokenizer.apply_chat_template(placeholder + list(messages), add_generation_prompt=True, tokenize=False)
     end = tokenizer.decode([end_of_turn])
     start = text.find(ASSISTANT_MARK)
     cut = text.find(end, start) if end and start >= 0 else -1
     if cut < 0:
         raise RLCoreError(f"the chat template does not end an assistant turn with {end!r}, the token the model "
-                          "stopped on, so tool answers cannot be appended; use a model whose EOS ends its turns")
+                          "stopped on, so the next turn cannot be appended; use a model whose EOS ends its turns")
     return tokenizer(text[cut + len(end):], add_special_tokens=False)["input_ids"]
 
 
@@ -167,3 +129,61 @@ class ToolRunner:
             return result if isinstance(result, ToolResult) else ToolResult(str(result))
         except Exception as e:  # noqa: BLE001 - a tool's bug becomes text the model reads
             return ToolResult(f"Error: tool '{call.name}' failed: {type(e).__name__}: {e}", error=True)
+
+
+class InteractionRunner:
+    """A task's interaction over the samples of one rollout: an instance per sample from `Interaction.start`,
+    replies, final scores, and every instance released at `close`.
+
+    An interaction that raises (a bug in task code) or answers something other than an `InteractionTurn`
+    ends that sample's conversation and is counted (`interaction_errors`), with a warning, never a crash.
+    """
+
+    def __init__(self, interaction: Interaction) -> None:
+        self.interaction = interaction
+        self.instances: dict[int, Any] = {}
+        self.warned = False
+
+    def start(self, key: int, prompt: Prompt) -> bool:
+        """Start sample `key`'s instance; False when `start` failed."""
+        try:
+            self.instances[key] = self.interaction.start(prompt)
+        except Exception as e:  # noqa: BLE001 - a task's bug must not end the run
+            self._warn("start", e)
+            return False
+        return True
+
+    def respond(self, key: int, messages: list[dict[str, Any]]) -> InteractionTurn | None:
+        """The reply to sample `key`'s conversation so far, or None when the interaction failed."""
+        try:
+            reply = self.interaction.respond(self.instances[key], messages)
+            if not isinstance(reply, InteractionTurn):
+                raise TypeError(f"respond returned {type(reply).__name__}, not rlcore.InteractionTurn")
+            return reply
+        except Exception as e:  # noqa: BLE001
+            self._warn("respond", e)
+            return None
+
+    def score(self, key: int) -> float | None:
+        """Sample `key`'s final score, or None when the interaction failed to give one."""
+        try:
+            return float(self.interaction.score(self.instances[key]))
+        except Exception as e:  # noqa: BLE001
+            self._warn("score", e)
+            return None
+
+    def close(self) -> None:
+        """Release every instance (a failing release is warned about, not raised)."""
+        for instance in self.instances.values():
+            try:
+                self.interaction.release(instance)
+            except Exception as e:  # noqa: BLE001
+                self._warn("release", e)
+        self.instances.clear()
+
+    def _warn(self, method: str, error: Exception) -> None:
+        if not self.warned:
+            warnings.warn(f"interaction '{self.interaction.name or type(self.interaction).__name__}' failed in "
+                          f"{method}: {type(error).__name__}: {error} (further failures are counted silently)",
+                          stacklevel=3)
+            self.warned = True

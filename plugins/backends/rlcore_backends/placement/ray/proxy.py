@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, hookimpl
 from rlcore.context import RunContext
 from rlcore.errors import PluginError
 from rlcore_backends.placement.ray.weights import WeightsHandle
@@ -162,13 +162,18 @@ class PluginProxy:
             self.local = self.cls(self.options) if self.options is not None else self.cls()
         return self.local
 
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+               interaction: Interaction | None) -> RolloutBatch:
         """Prompts split evenly over the rollout replicas (a seeded sample gets seed + replica), batches
-        concatenated in prompt order, so group ids stay one per prompt."""
+        concatenated in prompt order, so group ids stay one per prompt. An interaction goes to each replica
+        (refused when the plugin's `sample` does not take one)."""
+        if interaction is not None and "interaction" not in inspect.signature(self.cls.sample).parameters:
+            raise PluginError(f"rollout plugin {self.name!r} does not run interactions (its sample hook takes no "
+                              "'interaction'); choose the hf, vllm or sglang rollout")
         calls = []
         for i, (worker, chunk) in enumerate(zip(self.mine, split_evenly(list(prompts), len(self.mine)))):
             seeded = params if params.seed is None or i == 0 else attrs.evolve(params, seed=params.seed + i)
-            kwargs = {"prompts": chunk, "params": seeded, "tools": list(tools)}
+            kwargs = {"prompts": chunk, "params": seeded, "tools": list(tools), "interaction": interaction}
             calls.append((worker, worker.actor.call.remote(self.kind, "sample", kwargs)))
         return RolloutBatch.concat(self.workers.gather(calls, "sample"), pad_id=self.pad_id)
 

@@ -169,7 +169,7 @@ def decode(model: Any, head: torch.nn.Linear, input_ids: Tensor, mask: Tensor, s
     positions = position_ids(mask)
     hidden = decoder(input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first],
                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-    if len(first) < rows:
+    if not torch.equal(inverse, torch.arange(rows, device=inverse.device)):  # the cache is in `unique`'s order
         cache.batch_select_indices(inverse)
     hidden = hidden[inverse]
     tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import RLCoreError
@@ -126,19 +126,18 @@ class HFRollout:
                                lean=self.options.decoder == "lean")
 
     @hookimpl
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+               interaction: Interaction | None) -> RolloutBatch:
         """n responses per prompt, each up to and including its first EOS (or stop string); `info` holds each
-        sample's `finish_reason` (eos, stop or length) and the text keeps the stop string. With tools, the
-        multi-turn tool loop of `run_turns` (tool output masked out of the loss)."""
+        sample's `finish_reason` (eos, stop or length) and the text keeps the stop string. With tools or an
+        interaction, the multi-turn loop of `run_turns` (tool and interaction turns masked out of the loss)."""
         if any(p.images for p in prompts):
-            return self._sample_images(prompts, params, tools)
-        o = self.options
+            return self._sample_images(prompts, params, tools, interaction)
         with self._rng(params.seed):
-            return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
-                             max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout)
+            return run_turns(self.engine, self.tokenizer, prompts, params, tools, self.options, interaction)
 
-    def _sample_images(self, prompts: Sequence[Prompt], params: SamplingParams,
-                       tools: Sequence[Tool]) -> RolloutBatch:
+    def _sample_images(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+                       interaction: Interaction | None) -> RolloutBatch:
         """Prompts with images (vision-language models): the model's processor renders each prompt into ids
         (image patch tokens included) plus pixel values and image grids, which go to `generate` and into
         `batch.multimodal` (one dict per sample) for the trainer's forward passes; with tools, the same
@@ -147,10 +146,8 @@ class HFRollout:
             self.processor = load_processor(str(self.spec_path), self.tokenizer)
         schemas = [t.schema() for t in tools]
         rendered = [render_with_images(self.processor, p, p.tools or schemas) for p in prompts]
-        o = self.options
         with self._rng(params.seed):
-            return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
-                             max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout,
+            return run_turns(self.engine, self.tokenizer, prompts, params, tools, self.options, interaction,
                              rendered=[ids for ids, _ in rendered], multimodal=[mm for _, mm in rendered])
 
     @hookimpl

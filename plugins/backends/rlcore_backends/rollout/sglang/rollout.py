@@ -19,7 +19,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
@@ -100,7 +100,8 @@ class SGLangRollout:
         self.sync = self._weight_sync(ctx)
 
     @hookimpl
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+               interaction: Interaction | None) -> RolloutBatch:
         """n responses per prompt (run_turns: each up to its EOS or stop string; tools in several turns), then
         SGLang's memory is freed if `release_memory_between_steps`. Prompts with images (vision-language models)
         are rendered by the model's processor and sent with their images as `image_data`."""
@@ -111,10 +112,9 @@ class SGLangRollout:
             if self.processor is None:
                 self.processor = load_processor(self.model_path, self.tokenizer)
             batch = sample_with_images(self.engine, self.model_config, self.processor, self.tokenizer, prompts,
-                                       params, tools, o)
+                                       params, tools, o, interaction)
         else:
-            batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o.max_turns,
-                              o.max_tool_response_tokens, o.tool_timeout)
+            batch = run_turns(self.engine, self.tokenizer, prompts, params, tools, o, interaction)
         if o.release_memory_between_steps:
             self.engine.release_memory_occupation(list(MEMORY_TAGS))
             self.released = True

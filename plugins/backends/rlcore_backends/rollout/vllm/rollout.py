@@ -18,7 +18,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from rlcore import Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
+from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import PluginError, RLCoreError
@@ -179,8 +179,10 @@ class VLLMRollout:
                                              o.max_concurrent_requests).connect()
 
     @hookimpl
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool]) -> RolloutBatch:
-        """n responses per prompt (each up to and including its EOS or stop string), multi-turn with tools.
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, tools: Sequence[Tool],
+               interaction: Interaction | None) -> RolloutBatch:
+        """n responses per prompt (each up to and including its EOS or stop string), multi-turn with tools or
+        an interaction.
 
         Without `params.seed` the per-request seeds come from torch's global RNG, so a run seeded by rlcore
         (and resumed with its RNG state) samples the same. Prompts with images (vision-language models) are
@@ -193,9 +195,8 @@ class VLLMRollout:
             if self.processor is None:
                 self.processor = load_processor(self.model_path, self.tokenizer)
             return sample_with_images(self.engine, self.model_config, self.processor, self.tokenizer, prompts, params,
-                                      tools, o)
-        return run_turns(self.engine, self.tokenizer, prompts, params, tools, max_turns=o.max_turns,
-                         max_tool_response_tokens=o.max_tool_response_tokens, tool_timeout=o.tool_timeout)
+                                      tools, o, interaction)
+        return run_turns(self.engine, self.tokenizer, prompts, params, tools, o, interaction)
 
     @hookimpl
     def sync_weights(self, weights: Weights) -> dict[str, float]:
