@@ -27,14 +27,17 @@ from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate, turn_inputs
 from rlcore.generations import GenerationLog
 from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
+from rlcore.pipeline import Collected, RolloutPipeline, batch_seed
 from rlcore.prompt_fit import PromptFit, prompt_fit
 from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
 from rlcore.run_config import ResolvedConfig
 from rlcore.scoring import check_finite
 from rlcore.stopping import GracefulStop
-from rlcore.types import PolicyLoss, Prompt, RolloutBatch, UpdatePlan
+from rlcore.types import PolicyLoss, Prompt, RolloutBatch, UpdatePlan, Weights
 
 log = logging.getLogger("rlcore")
+QUEUE_FILE = "queued_batches.pt"
+"""In an asynchronous run's checkpoint: the batches sampled ahead of its step (see `Trainer.save`)."""
 
 
 @attrs.define
@@ -122,6 +125,12 @@ class Trainer:
         self.closed = False
         self.working_on: int | None = None
         """The step under way in `run` (its number), None between steps."""
+        self.pipeline: RolloutPipeline | None = None
+        """The rollout thread while `run` trains asynchronously (`trainer.max_staleness` >= 1)."""
+        self.queued: list[Collected] = []
+        """Batches a resumed checkpoint had sampled ahead (asynchronous runs), handed to the pipeline first."""
+        self.rollout_weights: Weights | None = None
+        """What the rollout engine holds when `run` starts the pipeline (a snapshot of the current policy)."""
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -174,7 +183,10 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
         self.generations = GenerationLog(self.run_dir, self.hook, t.generations_every, t.generations_samples,
                                          keep_until=self.step if resume else None)
-        self.hook.sync_weights(weights=self.hook.policy_weights())
+        weights = self.hook.policy_weights()
+        if t.max_staleness:
+            weights = self.rollout_weights = weights.snapshot()  # the pipeline's version `self.step`
+        self.hook.sync_weights(weights=weights)
         if ckpt is not None:
             load_rng(ckpt / "core" / "rng.pkl")
 
@@ -201,10 +213,12 @@ class Trainer:
             keep &= torch.as_tensor(v, dtype=torch.bool)
         return keep
 
-    def _collect(self, timings: dict[str, float]) -> tuple[RolloutBatch | None, dict[str, float]]:
-        """Sample and score prompts until `prompts_per_step` groups survive the filters (or rounds run out)."""
+    def _collect(self, step: int) -> Collected:
+        """Sample and score prompts for the step after `step` until `prompts_per_step` groups survive the
+        filters (or rounds run out). Asynchronous runs seed each round's sampling from (seed, step, round),
+        so a batch does not depend on when the rollout thread sampled it."""
         t = self.cfg.trainer
-        params = self.cfg.sampling.params()
+        timings: dict[str, float] = {}
         parts: list[RolloutBatch] = []
         groups, rounds, dropped = 0, 0, 0
         rewards, lengths, truncated, gen_tokens = [], [], [], 0
@@ -212,6 +226,7 @@ class Trainer:
         rollout_infos: list[dict[str, Any]] = []
         while True:
             prompts = self.stream.take(t.prompts_per_step - groups)
+            params = self.cfg.sampling.params(seed=batch_seed(t.seed, step, rounds) if t.max_staleness else None)
             t0 = time.perf_counter()
             batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, **self.turns)
             timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
@@ -220,7 +235,7 @@ class Trainer:
             scores = self.registry.require("task", "score", batch=batch)
             timings["timing/score"] = timings.get("timing/score", 0.0) + time.perf_counter() - t0
             batch.rewards = scores.rewards.float()
-            check_finite(batch.rewards, batch.prompts, self.cfg.selection["task"], f"step {self.step + 1}")
+            check_finite(batch.rewards, batch.prompts, self.cfg.selection["task"], f"step {step + 1}")
             rollout_infos += batch.info or []
             infos += scores.info or []
             batch.info = [{**a, **b} for a, b in zip(batch.info or [{}] * len(batch), scores.info or [{}] * len(batch))]
@@ -261,13 +276,37 @@ class Trainer:
         batch = RolloutBatch.concat(parts) if parts else None
         if batch is not None:
             stats["batch/groups"] = float(batch.num_groups)
-        return batch, stats
+        return Collected(step=step, batch=batch, metrics={**stats, **timings}, version=step)
+
+    def _take(self) -> Collected:
+        """This step's batch: sampled now (synchronous), or taken from the rollout thread, with how stale it
+        is (every sample's `policy_version` in its info) and how long each side waited."""
+        if self.pipeline is None:
+            return self._collect(self.step)
+        collected, waited = self.pipeline.take(self.step)
+        for info in collected.batch.info if collected.batch is not None else ():
+            info["policy_version"] = collected.version
+        staleness = float(self.step - collected.version)  # one version samples a whole batch: mean = max
+        collected.metrics.update({"async/staleness_mean": staleness, "async/staleness_max": staleness,
+                                  "async/trainer_wait_s": waited,
+                                  "async/rollout_wait_s": self.pipeline.rollout_wait_seconds()})
+        return collected
+
+    def _push_weights(self) -> dict[str, float]:
+        """Synchronous: load the updated weights into the rollout now. Asynchronous: publish a snapshot of
+        them as policy version `step + 1` for the rollout thread to load when a batch needs it."""
+        weights = self.hook.policy_weights()
+        if self.pipeline is None:
+            return self.hook.sync_weights(weights=weights) or {}
+        self.pipeline.publish(self.step + 1, weights.snapshot())
+        return {}
 
     def train_step(self) -> dict[str, Any]:
         """Run one step and return its metrics row."""
         t_step = time.perf_counter()
         timings: dict[str, float] = {}
-        batch, metrics = self._collect(timings)
+        collected = self._take()
+        batch, metrics = collected.batch, collected.metrics
         self._check_reward_errors(metrics)
         if batch is not None:
             t0 = time.perf_counter()
@@ -275,7 +314,7 @@ class Trainer:
                 batch.ref_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
-            off_policy = plan.epochs * plan.mini_batches > 1
+            off_policy = plan.epochs * plan.mini_batches > 1 or self.pipeline is not None
             if off_policy or self.cfg.trainer.log_mismatch:
                 before = self.registry.require("backend", "logprobs", batch=batch, reference=False)
                 metrics.update(logprob_mismatch(before, batch.rollout_logprobs, batch.response_mask))
@@ -292,10 +331,12 @@ class Trainer:
             metrics.update(self.registry.require("backend", "update", batch=batch, loss=self.loss, plan=plan))
             timings["timing/update"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self.hook.sync_weights(weights=self.hook.policy_weights()) or {})
+            metrics.update(self._push_weights())
             timings["timing/sync"] = time.perf_counter() - t0
         else:
             log.warning("step %d: every group was filtered out; no update this step", self.step + 1)
+            if self.pipeline is not None:
+                self._push_weights()  # the same weights, as the version later batches wait for
         for extra in self.hook.step_metrics():
             metrics.update(extra or {})
         loss = metrics.get("loss")
@@ -328,6 +369,18 @@ class Trainer:
         return {"eval/pass@1": result.pass_at["pass@1"], "eval/reward": result.reward_mean,
                 "eval/reward_errors": float(result.reward_errors), "timing/eval": result.seconds}
 
+    def _evaluate(self) -> dict[str, float]:
+        """`validate` on the current weights; an asynchronous run holds its rollout thread meanwhile, loads
+        the current weights into the engine for the evaluation and gives the thread its version back."""
+        if self.pipeline is None:
+            return self.validate()
+        with self.pipeline.paused():
+            self.hook.sync_weights(weights=self.hook.policy_weights().snapshot())
+            try:
+                return self.validate()
+            finally:
+                self.hook.sync_weights(weights=self.pipeline.weights)
+
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def _write_checkpoint(self, directory: Path) -> list[str]:
@@ -345,10 +398,18 @@ class Trainer:
         state = {"step": self.step, "stream": self.stream.state(), "rewards": self.rewards}
         (core / "trainer_state.json").write_text(json.dumps(state))
         save_rng(core / "rng.pkl")
+        if self.pipeline is not None:
+            torch.save([attrs.asdict(c, recurse=False) for c in self.pipeline.queued()], core / QUEUE_FILE)
         return [*written, "core"]
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.step, self._write_checkpoint)
+        """A checkpoint at this step. An asynchronous run first lets its rollout thread sample every batch the
+        published weights allow (the next k + 1), then holds it: the checkpoint stores those batches and the
+        prompt stream after them, so a resume needs no policy version older than this step's."""
+        if self.pipeline is None:
+            return self.checkpoints.save(self.step, self._write_checkpoint)
+        with self.pipeline.paused(drain_until=self.step + self.cfg.trainer.max_staleness):
+            return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _restore(self, ckpt: Path) -> None:
         """Load a verified checkpoint into every plugin (a tracker or extra added since it was saved starts fresh)."""
@@ -362,6 +423,9 @@ class Trainer:
         self.step = int(state["step"])
         self.stream.load(state["stream"])
         self.rewards = [float(r) for r in state["rewards"]]
+        queue = ckpt / "core" / QUEUE_FILE
+        if queue.exists():
+            self.queued = [Collected(**c) for c in torch.load(queue, weights_only=False)]  # our own checkpoint
         self.resumed_from = ckpt
 
     # ---- the run ----------------------------------------------------------------------------------
@@ -376,6 +440,8 @@ class Trainer:
         last_ckpt = self.resumed_from
         if stop is not None:
             stop.arm()
+        if t.max_staleness and self.step < t.steps:
+            self._start_pipeline()
         try:
             while self.step < t.steps:
                 if stop is not None and stop.requested:
@@ -384,7 +450,7 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    metrics.update(self.validate())
+                    metrics.update(self._evaluate())
                 self.rewards.append(metrics["reward/mean"])
                 row = {"step": self.step, **metrics}
                 self.metrics.write(row)
@@ -401,6 +467,7 @@ class Trainer:
         finally:
             if display is not None:
                 display.close()
+            self._stop_pipeline()
         k = min(10, max(1, len(self.rewards) // 2))
         summary = Summary(run_dir=str(self.run_dir), steps=self.step, reward_start=_mean(self.rewards[:k]),
                           reward_end=_mean(self.rewards[-k:]), seconds=time.perf_counter() - started,
@@ -409,8 +476,26 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(attrs.asdict(summary), indent=2))
         return summary
 
+    def _start_pipeline(self) -> None:
+        """Start the rollout thread at this step: batches a checkpoint sampled ahead first, then step
+        `step + len(queued)` onwards, from the snapshot the engine was loaded with in `setup`."""
+        assert self.rollout_weights is not None, "setup loads a snapshot into the rollout first"
+        queued = [c for c in self.queued if c.step >= self.step]
+        self.pipeline = RolloutPipeline(
+            self._collect, lambda weights: self.hook.sync_weights(weights=weights), self.cfg.trainer.max_staleness,
+            next_step=self.step + len(queued), end_step=self.cfg.trainer.steps, version=self.step,
+            weights=self.rollout_weights, queued=queued)
+        self.queued = []
+        self.pipeline.start()
+
+    def _stop_pipeline(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+
     def close(self) -> None:
         """Tear every plugin down (engines, processes), once; safe to call after an error."""
+        self._stop_pipeline()
         if not self.closed:
             self.closed = True
             self.hook.teardown()

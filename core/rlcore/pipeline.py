@@ -2,7 +2,7 @@
 while the loop trains on earlier ones (`trainer.max_staleness` k >= 1).
 
 The batch for step j is always sampled with the weights of policy version max(0, j - k) exactly (version v
-= the weights after v optimizer steps), so the run is deterministic for a given k however the two sides'
+= the weights after v training steps; a run extended past its end starts from its last version), so the run is deterministic for a given k however the two sides'
 speeds vary, and no sample is trained on more than k versions after the weights that produced it. Sampling
 for step j waits until version j - k exists; training step j waits until its batch exists; within the
 bound neither waits for the other. Versions are materialised when published (`Weights.snapshot`), because
@@ -15,6 +15,7 @@ pauses it at a batch boundary to evaluate or checkpoint (`paused`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,13 @@ from rlcore.types import RolloutBatch, Weights
 
 Collect = Callable[[int], "Collected"]
 Sync = Callable[[Weights], "dict[str, float] | None"]
+
+
+def batch_seed(seed: int, step: int, round_: int) -> int:
+    """The sampling seed of one sampling round of one step (31 bits, well spread: engines seed row i with
+    `seed + i`, so seeds of different steps must not sit next to each other)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{round_}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @attrs.define
@@ -52,6 +60,9 @@ class RolloutPipeline:
         self.collect, self.sync, self.k = collect, sync, max_staleness
         self.next_step, self.end_step = next_step, end_step
         self.version, self.weights = version, weights
+        self.oldest = version
+        """No older version exists: a run extended past its last step (`--resume --steps`) samples its first
+        k new batches with it, less stale than the schedule says."""
         self.published: dict[int, Weights] = {version: weights}
         self.queue: dict[int, Collected] = {c.step: c for c in queued or []}
         self.cond = threading.Condition()
@@ -125,7 +136,7 @@ class RolloutPipeline:
     # ---- the producer's side ------------------------------------------------------------------------
 
     def _needed(self, step: int) -> int:
-        return max(0, step - self.k)
+        return max(self.oldest, step - self.k)
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -147,11 +158,13 @@ class RolloutPipeline:
                         del self.published[old]
                     self.idle = False
                 try:
+                    synced = None
                     if version != self.version:
-                        self.sync(weights)
+                        synced = self.sync(weights)
                         self.version, self.weights = version, weights
                     collected = self.collect(step)
                     collected.version = version
+                    collected.metrics.update(synced or {})
                 finally:
                     with self.cond:
                         self.idle = True

@@ -61,6 +61,11 @@ class TrainerOptions:
     `generations.jsonl` and every tracker."""
     generations_samples: int = attrs.field(default=4, validator=check_range(1))
     """Samples per generation table, spread evenly over the step's batch."""
+    max_staleness: int = attrs.field(default=0, validator=check_range(0))
+    """Asynchronous RL: the batch of step j is sampled with the weights after step j - k (k = this) while the
+    trainer trains earlier steps, so no sample is more than k policy versions old (0: synchronous, sample
+    then train). The loss clips against the trainer's logprobs before each update; set `algo.tis_cap` to
+    correct for the behaviour policy as well (AReaL's decoupled objective)."""
 
 
 @attrs.define
