@@ -314,7 +314,7 @@ class Trainer:
                 batch.ref_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
-            off_policy = plan.epochs * plan.mini_batches > 1 or self.pipeline is not None
+            off_policy = plan.epochs * plan.mini_batches > 1
             if off_policy or self.cfg.trainer.log_mismatch:
                 before = self.registry.require("backend", "logprobs", batch=batch, reference=False)
                 metrics.update(logprob_mismatch(before, batch.rollout_logprobs, batch.response_mask))
