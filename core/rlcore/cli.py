@@ -249,9 +249,20 @@ def warmstart(backend: str | None, task: str | None, hardware: str | None, model
 
 
 @main.command(name="plugins")
+@click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True, help="Print the options as a markdown table (the README's).")
 @_user_errors
-def plugins_cmd() -> None:
-    """List installed plugins: kind, name, distribution, version, status."""
+def plugins_cmd(kind: str | None, name: str | None, markdown: bool) -> None:
+    """List installed plugins: kind, name, distribution, version, status. With KIND NAME (or `trainer`,
+    `sampling`): that plugin's (section's) options, with type, default and docstring."""
+    if kind is not None:
+        from rlcore.option_docs import as_markdown, as_text, describe_options, options_of
+
+        section, cls = options_of(kind, name)
+        options = describe_options(cls)
+        click.echo(as_markdown(options) if markdown else as_text(section, options), nl=not markdown)
+        return
     rows = [(p.kind, p.name, p.distribution, p.version,
              "disabled" if p.disabled else f"error: {p.error}" if p.error else "ok") for p in plugins.describe_all()]
     header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "STATUS")
