@@ -19,6 +19,7 @@ import attrs
 
 from rlcore import plugins
 from rlcore.errors import PluginError
+from rlcore.run_config import SamplingOptions, TrainerOptions
 
 CORE_SECTIONS = ("trainer", "sampling")
 """Sections of the core's own options, shown by `rlcore plugins trainer` / `rlcore plugins sampling`."""
@@ -60,6 +61,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type_name(tp: Any) -> str:
+    """A type as written in an annotation (`float | None`, `list[str]`)."""
     if typing.get_origin(tp) is not None or not hasattr(tp, "__name__"):
         return str(tp).replace("typing.", "").replace("NoneType", "None")
     return tp.__name__
@@ -83,18 +85,19 @@ def describe_options(cls: type) -> list[OptionDoc]:
     out = []
     for f in attrs.fields(cls):
         default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory(None) if default.takes_self else default.factory()
-        out.append(OptionDoc(f.name, _type_name(f.type), "(required)" if default is attrs.NOTHING else _value(default),
-                             docs.get(f.name, "")))
+        if default is attrs.NOTHING:
+            shown = "(required)"
+        elif isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            shown = "(computed)" if default.takes_self else _value(default.factory())
+        else:
+            shown = _value(default)
+        out.append(OptionDoc(f.name, _type_name(f.type), shown, docs.get(f.name, "")))
     return out
 
 
 def options_of(kind: str, name: str | None) -> tuple[str, type]:
     """The section name (`kind`, or `tracker.NAME`) and options class of a core section or an installed plugin."""
     if kind in CORE_SECTIONS:
-        from rlcore.run_config import SamplingOptions, TrainerOptions
-
         return kind, {"trainer": TrainerOptions, "sampling": SamplingOptions}[kind]
     if kind not in plugins.KINDS:
         raise PluginError(f"unknown plugin kind or section {kind!r}; kinds are: {', '.join(plugins.KINDS)}; "
