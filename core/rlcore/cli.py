@@ -52,9 +52,9 @@ _debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eag
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Every command's error handling: an exception that `rlcore.errors.user_message` words (the user's
-    mistake, a full or read-only disk) is printed as one `Error:` line without a traceback unless
-    `--debug`; a second SIGTERM / SIGINT exits with 128 + its number; anything else is a bug and keeps its
-    traceback. Adds the command's own `--debug` flag."""
+    mistake, a full or read-only disk) or that a plugin's hook raised (`plugins.hook_failure`) is printed as
+    one `Error:` line without a traceback unless `--debug`; a second SIGTERM / SIGINT exits with 128 + its
+    number; anything else is a bug and keeps its traceback. Adds the command's own `--debug` flag."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -65,7 +65,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(exit_status(signal.SIGINT)) from None
         except Exception as e:
-            message = user_message(e)
+            message = user_message(e) or plugins.hook_failure(e)
             if message is None or _debug_requested():
                 raise
             raise _Failure(message, e.exit_code if isinstance(e, RLCoreError) else 1) from None
@@ -178,7 +178,8 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
         preflight.check_run(cfg, model_config)
         seen = (f"model config {type(model_config).__name__} read" if model_config is not None else
                 f"model config of {cfg.trainer.model!r} not readable here, so the model checks were skipped")
-        click.echo(f"dry run: plugins resolved, options valid, and every plugin accepts this run ({seen}).")
+        click.echo(f"dry run: plugins resolved and instantiated, hooks match the contract, options valid, and every "
+                   f"plugin accepts this run ({seen}).")
         return
     if run_dir is None:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a timestamped name could differ between ranks
@@ -248,15 +249,28 @@ def warmstart(backend: str | None, task: str | None, hardware: str | None, model
 
 
 @main.command(name="plugins")
+@click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True, help="Print the options as a markdown table (the README's).")
 @_user_errors
-def plugins_cmd() -> None:
-    """List installed plugins: kind, name, distribution, version, status."""
+def plugins_cmd(kind: str | None, name: str | None, markdown: bool) -> None:
+    """List installed plugins: kind, name, distribution, version, status. With KIND NAME (or `trainer`,
+    `sampling`): that plugin's (section's) options, with type, default and docstring."""
+    if kind is not None:
+        from rlcore.option_docs import as_markdown, as_text, describe_options, options_of
+
+        section, cls = options_of(kind, name)
+        options = describe_options(cls)
+        click.echo(as_markdown(options) if markdown else as_text(section, options), nl=not markdown)
+        return
     rows = [(p.kind, p.name, p.distribution, p.version,
              "disabled" if p.disabled else f"error: {p.error}" if p.error else "ok") for p in plugins.describe_all()]
     header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "STATUS")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for r in [header, *rows]:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    for warning in plugins.unknown_groups():
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()

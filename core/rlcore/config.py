@@ -153,7 +153,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def build_options(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
     """Instantiate the attrs options class `cls` from `data`, converting and validating each key.
 
-    Unknown keys and invalid values raise `ConfigError` naming `section.key` and what it accepts.
+    Unknown keys, invalid values and options without a default left unset raise `ConfigError` naming
+    `section.key` and what it accepts.
     """
     data = dict(data or {})
     attrs.resolve_types(cls)
@@ -163,6 +164,11 @@ def build_options(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
         allowed = ", ".join(sorted(fields)) or "(this plugin has no options)"
         raise ConfigError(f"{section}.{unknown[0]}: unknown option; {section} accepts: {allowed}")
     kwargs = {name: _convert(v, fields[name].type, f"{section}.{name}") for name, v in data.items()}
+    missing = [n for n, f in fields.items() if f.init and f.default is attrs.NOTHING and n not in kwargs]
+    if missing:
+        keys = " ".join(f"--set {section}.{n}=..." for n in missing)
+        raise ConfigError(f"{section}: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no default; "
+                          f"give {'it' if len(missing) == 1 else 'them'}: {keys}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -22,6 +22,7 @@ import torch
 from rlcore import models, preflight
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
+from rlcore.contract import Contract
 from rlcore.data import PromptStream
 from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate, turn_inputs
@@ -111,6 +112,7 @@ class Trainer:
         self.show_progress = progress
         self.registry = open_registry(cfg, SELECTED_KINDS, trace=trace, trackers=True)
         self.hook = self.registry.hook
+        self.contract = Contract(cfg.selection)
         self.checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self.step = 0
         self.rewards: list[float] = []
@@ -183,7 +185,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
         self.generations = GenerationLog(self.run_dir, self.hook, t.generations_every, t.generations_samples,
                                          keep_until=self.step if resume else None)
-        weights = self.hook.policy_weights()
+        weights = self.contract.policy_weights(self.hook.policy_weights())
         if t.max_staleness:
             weights = self.rollout_weights = weights.snapshot()  # the pipeline's version `self.step`
         self.hook.sync_weights(weights=weights)
@@ -228,11 +230,11 @@ class Trainer:
             prompts = self.stream.take(t.prompts_per_step - groups)
             params = self.cfg.sampling.params(seed=batch_seed(t.seed, step, rounds) if t.max_staleness else None)
             t0 = time.perf_counter()
-            batch = self.registry.require("rollout", "sample", prompts=prompts, params=params, **self.turns)
+            batch = self.contract.sample(self.registry.require("rollout", "sample", prompts=prompts, params=params,
+                                                               **self.turns), prompts, params.n)
             timings["timing/sample"] = timings.get("timing/sample", 0.0) + time.perf_counter() - t0
-            batch.validate()
             t0 = time.perf_counter()
-            scores = self.registry.require("task", "score", batch=batch)
+            scores = self.contract.score(self.registry.require("task", "score", batch=batch), batch)
             timings["timing/score"] = timings.get("timing/score", 0.0) + time.perf_counter() - t0
             batch.rewards = scores.rewards.float()
             check_finite(batch.rewards, batch.prompts, self.cfg.selection["task"], f"step {step + 1}")
@@ -295,7 +297,7 @@ class Trainer:
     def _push_weights(self) -> dict[str, float]:
         """Synchronous: load the updated weights into the rollout now. Asynchronous: publish a snapshot of
         them as policy version `step + 1` for the rollout thread to load when a batch needs it."""
-        weights = self.hook.policy_weights()
+        weights = self.contract.policy_weights(self.hook.policy_weights())
         if self.pipeline is None:
             return self.hook.sync_weights(weights=weights) or {}
         self.pipeline.publish(self.step + 1, weights.snapshot())
@@ -311,24 +313,27 @@ class Trainer:
         if batch is not None:
             t0 = time.perf_counter()
             if self.loss.needs_ref_logprobs:
-                batch.ref_logprobs = self.registry.require("backend", "logprobs", batch=batch, reference=True)
+                batch.ref_logprobs = self.contract.logprobs(
+                    self.registry.require("backend", "logprobs", batch=batch, reference=True), batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
             off_policy = plan.epochs * plan.mini_batches > 1
             if off_policy or self.cfg.trainer.log_mismatch:
-                before = self.registry.require("backend", "logprobs", batch=batch, reference=False)
+                before = self.contract.logprobs(
+                    self.registry.require("backend", "logprobs", batch=batch, reference=False), batch, reference=False)
                 metrics.update(logprob_mismatch(before, batch.rollout_logprobs, batch.response_mask))
                 if off_policy:
                     batch.old_logprobs = before
             timings["timing/logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            batch.advantages = self.registry.require("algo", "advantage", batch=batch)
+            batch.advantages = self.contract.advantage(self.registry.require("algo", "advantage", batch=batch), batch)
             adv = batch.advantages
             metrics["advantage/mean"] = _masked_mean(adv, batch.response_mask)
             metrics["advantage/std"] = math.sqrt(max(_masked_mean(adv**2, batch.response_mask) - metrics["advantage/mean"] ** 2, 0.0))
             timings["timing/advantage"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self.registry.require("backend", "update", batch=batch, loss=self.loss, plan=plan))
+            metrics.update(self.contract.update(self.registry.require("backend", "update", batch=batch, loss=self.loss,
+                                                                      plan=plan)))
             timings["timing/update"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             metrics.update(self._push_weights())

@@ -14,8 +14,10 @@ selected, so a broken plugin breaks only the runs that select it.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
@@ -25,7 +27,7 @@ import pluggy
 
 from rlcore import hookspecs
 from rlcore.config import build_options
-from rlcore.errors import PluginError
+from rlcore.errors import PluginError, RLCoreError
 
 KINDS = ("algo", "backend", "rollout", "task", "hardware", "placement", "tracker", "extra", "tool_format")
 SELECTED_KINDS = ("placement", "hardware", "backend", "rollout", "task", "algo")
@@ -37,6 +39,8 @@ MANY_KINDS = ("tracker", "extra")
 registered under `kind:name` after the selected ones."""
 GROUP = "rlcore.{kind}"
 DISABLE_ENV = "RLCORE_DISABLE_PLUGINS"
+FAILED_HOOK = "rlcore_failed_hook"
+"""Attribute set on an exception raised inside a hook implementation: `kind plugin 'name', hook 'hook'`."""
 
 
 @attrs.define
@@ -120,6 +124,21 @@ def describe_all() -> Iterator[PluginInfo]:
             yield info
 
 
+def unknown_groups() -> list[str]:
+    """A warning per installed entry point in an `rlcore.*` group that is no plugin kind (e.g. `rlcore.tasks`):
+    rlcore never looks there, so its plugin would be silently absent."""
+    known = [GROUP.format(kind=kind) for kind in KINDS]
+    warnings = []
+    for group in sorted(g for g in metadata.entry_points().groups if g.startswith("rlcore.") and g not in known):
+        close = difflib.get_close_matches(group, known, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else f"the groups are: {', '.join(known)}"
+        for ep in sorted(metadata.entry_points(group=group), key=lambda ep: ep.name):
+            dist = ep.dist.name if ep.dist else "?"
+            warnings.append(f"entry point {ep.name!r} of {dist} is in the unknown group {ep.group!r}, so rlcore never "
+                            f"loads it; {fix}")
+    return warnings
+
+
 def options_class(cls: type) -> type:
     """The attrs options class a plugin declares (an empty one if it declares none)."""
     opts = getattr(cls, "Options", None)
@@ -155,6 +174,23 @@ class Registry:
         if trace:
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[rlcore trace] {msg}"))
             self.pm.enable_tracing()
+        self.pm.add_hookcall_monitoring(lambda *_: None, self._blame)
+
+    def _describe(self, key: str) -> str:
+        kind = key.split(":")[0]
+        return f"{kind} plugin {self.names.get(key, key.split(':')[-1])!r}"
+
+    def _blame(self, outcome: Any, hook: str, impls: Any, _kwargs: Any) -> None:
+        """Mark an exception raised inside a hook implementation with the plugin and hook it came from (the
+        innermost implementation on its traceback, else the only one called), for a one-line error."""
+        exc = outcome.exception
+        if not isinstance(exc, Exception) or isinstance(exc, RLCoreError) or hasattr(exc, FAILED_HOOK):
+            return
+        codes = {getattr(impl.function, "__code__", None): impl for impl in impls}
+        raised = [codes[frame.f_code] for frame, _ in traceback.walk_tb(exc.__traceback__) if frame.f_code in codes]
+        impl = raised[-1] if raised else impls[0] if len(impls) == 1 else None
+        if impl is not None:
+            setattr(exc, FAILED_HOOK, f"{self._describe(impl.plugin_name)}, hook {hook!r}")
 
     @property
     def hook(self) -> Any:
@@ -163,6 +199,12 @@ class Registry:
     def register(self, kind: str, name: str, plugin: Any) -> None:
         """Add a plugin instance under `kind`; hook names are checked against the contract."""
         key = f"{kind}:{name}" if kind in MANY_KINDS else kind
+        specs = hookspecs.all_hook_names()
+        for attr in dir(plugin):
+            if attr not in specs and self.pm.parse_hookimpl_opts(plugin, attr) is not None:
+                close = difflib.get_close_matches(attr, specs, n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"the hooks are: {', '.join(specs)}"
+                raise PluginError(f"{kind} plugin {name!r} implements {attr!r}, which is not an rlcore hook; {hint}")
         try:
             self.pm.register(plugin, name=key)
             self.pm.check_pending()
@@ -205,6 +247,16 @@ class Registry:
         """Whether the plugin registered under `kind` implements `hook`."""
         impl = getattr(self.plugins.get(kind), hook, None)
         return impl is not None and getattr(impl, "rlcore_impl", None) is not None
+
+
+def hook_failure(exc: BaseException) -> str | None:
+    """One line for an exception raised inside a plugin's hook (the plugin, the hook, what it raised), or
+    None when it was not raised in one; the traceback is for `--debug`."""
+    where = getattr(exc, FAILED_HOOK, None)
+    if where is None:
+        return None
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{where} raised {type(exc).__name__}: {first} (--debug shows the traceback)"
 
 
 def select_hardware(requested: str) -> str:

@@ -12,21 +12,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlcore.errors import ConfigError
-from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
+from rlcore.config import build_options
+from rlcore.errors import ConfigError, PluginError, RLCoreError
+from rlcore.plugins import SELECTED_KINDS, Registry, construct, options_class
 from rlcore.run_config import ResolvedConfig
 
 
 def local_registry(cfg: ResolvedConfig) -> Registry:
     """The selected plugins, the trackers and the extras as plain local instances, whatever the placement
-    (nothing set up; a tracker whose library is missing refuses here already)."""
+    (nothing set up; a tracker whose library is missing refuses here already, a constructor that raises and
+    a hook name outside the contract are named with their plugin)."""
     registry = Registry()
-    for kind in SELECTED_KINDS:
-        registry.register(kind, cfg.selection[kind], construct(cfg.classes[kind], cfg.options[kind]))
-    for name, cls in cfg.trackers.items():
-        registry.register("tracker", name, construct(cls, cfg.tracker_options[name]))
-    for name, cls in cfg.extras.items():
-        registry.register("extra", name, instantiate(cls, None, f"extra.{name}"))
+    chosen = [(kind, cfg.selection[kind], cfg.classes[kind], cfg.options[kind]) for kind in SELECTED_KINDS]
+    chosen += [("tracker", name, cls, cfg.tracker_options[name]) for name, cls in cfg.trackers.items()]
+    chosen += [("extra", name, cls, build_options(options_class(cls), None, f"extra.{name}"))
+               for name, cls in cfg.extras.items()]
+    for kind, name, cls, options in chosen:
+        try:
+            plugin = construct(cls, options)
+        except RLCoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a third-party constructor's failure is named, not a traceback
+            raise PluginError(f"{kind} plugin {name!r}: constructing it raised {type(e).__name__}: {e}") from e
+        registry.register(kind, name, plugin)
     return registry
 
 

@@ -22,7 +22,9 @@ class TrainerOptions:
     model: str = ""
     """Model directory, GGUF file or hub id; empty builds the embedded tiny model."""
     steps: int = attrs.field(default=250, validator=check_range(0))
+    """Training steps (each samples, scores and updates once)."""
     seed: int = 0
+    """Seeds Python's, torch's and the device's generators, the prompt order and the embedded model."""
     prompts_per_step: int = attrs.field(default=32, validator=check_range(1))
     """Prompts (groups) per step; each gets `sampling.n` responses."""
     epochs: int = attrs.field(default=1, validator=check_range(1))
@@ -32,6 +34,7 @@ class TrainerOptions:
     save_every: int = attrs.field(default=50, validator=check_range(0))
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = attrs.field(default=2, validator=check_range(1))
+    """Newest checkpoints kept on disk; older ones are deleted."""
     max_resample_rounds: int = attrs.field(default=4, validator=check_range(0))
     """Extra sampling rounds to refill groups dropped by `keep_groups` (dynamic sampling)."""
     log_mismatch: bool = True
@@ -73,12 +76,17 @@ class SamplingOptions:
     """How responses are sampled (section `sampling`), passed to the rollout's `sample` hook."""
 
     n: int = attrs.field(default=8, validator=check_range(1))
+    """Responses sampled per prompt (the group size)."""
     temperature: float = attrs.field(default=1.0, validator=check_range(0.0))
+    """Sampling temperature (0: greedy)."""
     top_p: float = attrs.field(default=1.0, validator=check_range(0.0, 1.0))
+    """Nucleus sampling: sample from the smallest token set of this total probability (1: off)."""
     max_new_tokens: int = attrs.field(default=256, validator=check_range(1))
+    """Response budget in tokens; a longer response is truncated (`response_length/clip_ratio`)."""
     min_new_tokens: int = attrs.field(default=0, validator=check_range(0))
     """Tokens sampled before an EOS or stop string may end a response (vLLM's `min_tokens`)."""
     stop: list[str] = attrs.field(factory=list)
+    """Strings that end a response, besides the model's EOS."""
 
     @min_new_tokens.validator
     def _at_most_max(self, _attribute: attrs.Attribute, value: int) -> None:

@@ -75,7 +75,8 @@ def test_registry_rejects_misspelled_hook():
             return None
 
     reg = plugins.Registry()
-    with pytest.raises(PluginError, match="does not fit the hook contract"):
+    with pytest.raises(PluginError, match=r"^algo plugin 'typo' implements 'advantages', which is not an rlcore hook; "
+                                          r"did you mean `advantage`\?$"):
         reg.register("algo", "typo", Typo())
 
 

@@ -20,7 +20,8 @@ class CommonOptions:
     kl_mode: str = attrs.field(default="loss", validator=check_choice("loss", "reward"))
     """Where the KL enters: a loss term, or a per-token penalty subtracted from the reward."""
     kl_target: float | None = attrs.field(default=None, validator=check_range(1e-9))
-    """Adaptive KL: steer the coefficient so the measured KL approaches this value; None keeps it fixed."""
+    """Adaptive KL (Ziegler et al. 2019, arXiv 1909.08593): steer the coefficient so the measured KL approaches
+    this value; None keeps it fixed."""
     kl_horizon: int = attrs.field(default=10000, validator=check_range(1))
     """Adaptive KL: samples over which the coefficient may change by up to 20%."""
     entropy_coef: float = attrs.field(default=0.0, validator=check_range(0.0))
