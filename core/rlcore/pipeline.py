@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from rlcore.errors import TrainingError
+from rlcore.errors import RLCoreError, TrainingError
 from rlcore.types import RolloutBatch, Weights
 
 Collect = Callable[[int], "Collected"]
@@ -139,6 +139,9 @@ class RolloutPipeline:
         return max(self.oldest, step - self.k)
 
     def _raise(self) -> None:
+        """Hand the producer's error to the loop: a user's mistake as it is (one line), else as a TrainingError."""
+        if isinstance(self.error, RLCoreError):
+            raise self.error
         if self.error is not None:
             raise TrainingError(f"the rollout thread failed: {type(self.error).__name__}: {self.error}") from self.error
 

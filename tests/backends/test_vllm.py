@@ -257,3 +257,18 @@ def test_rlcore_run_with_vllm_learns_the_default_task(tmp_path: Path) -> None:
     # the engine samples with the synced weights: its logprobs stay within fp32 noise of the trainer's
     assert max(r["mismatch/abs_diff_max"] for r in rows) < 1e-4, [r["mismatch/abs_diff_max"] for r in rows]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == len(rows)
+
+
+def test_asynchronous_run_with_vllm_learns_with_the_bounded_staleness(tmp_path: Path) -> None:
+    """`trainer.max_staleness=1`: the engine generates step j's batch with the weights after step j - 1, loaded
+    between batches from the rollout thread while the trainer trains; the default task still learns."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rlcore", "run", "--rollout", "vllm", "--run-dir", str(run_dir),
+                           "--set", "trainer.max_staleness=1"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = MetricsLog.read(run_dir / "metrics.jsonl")
+    assert [r["async/staleness_max"] for r in rows] == [0.0] + [1.0] * (len(rows) - 1)
+    assert all(r["sync/seconds"] > 0 for r in rows[2:]), "each new version is loaded before its batch"
+    rewards = [r["reward/mean"] for r in rows]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= 0.5 and last >= 2 * first, f"reward {first:.3f} -> {last:.3f}"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rlcore.errors import TrainingError
+from rlcore.errors import DataError, TrainingError
 from rlcore.pipeline import Collected, RolloutPipeline
 from rlcore.types import Weights
 
@@ -162,3 +162,26 @@ def test_an_error_in_the_rollout_thread_reaches_the_loop():
 def test_zero_staleness_is_not_a_pipeline():
     with pytest.raises(ValueError, match="synchronous"):
         RolloutPipeline(Fakes().collect, Fakes().sync, 0, 0, 1, 0, weights(0))
+
+
+def test_a_users_mistake_in_the_rollout_thread_reaches_the_loop_as_it_is():
+    def collect(step: int) -> Collected:
+        raise DataError("task 'x' returned 4 non-finite rewards")
+
+    p = RolloutPipeline(collect, Fakes().sync, 1, 0, 3, 0, weights(0))
+    p.start()
+    try:
+        with pytest.raises(DataError, match="^task 'x' returned 4 non-finite rewards$"):
+            p.take(0)
+    finally:
+        p.close()
+
+
+def test_no_version_older_than_the_first_is_waited_for():
+    """A run extended past its end (resumed at version 3, nothing queued) samples steps 3 and 4 with version 3."""
+    fakes = Fakes()
+    p = pipeline(fakes, k=2, steps=7, next_step=3, version=3)
+    try:
+        assert train(p, range(3, 7)) == [(3, 3), (4, 3), (5, 3), (6, 4)]
+    finally:
+        p.close()

@@ -11,7 +11,7 @@ from rlcore_cli import RLCORE, rlcore
 
 from rlcore.metrics import MetricsLog
 
-VOLATILE = ("timing/", "tokens_per_s", "update/seconds", "sync/seconds")
+VOLATILE = ("timing/", "tokens_per_s", "update/seconds", "sync/seconds", "async/trainer_wait_s", "async/rollout_wait_s")
 SMALL = ["--set", "trainer.prompts_per_step=4", "--set", "sampling.n=4"]
 
 
@@ -41,8 +41,11 @@ def test_run_writes_config_metrics_checkpoints_summary(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    args = ["--steps", 10, *SMALL, "--set", "trainer.save_every=3", "--seed", 5]
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, staleness):
+    """Synchronous, and asynchronous with k=2 (its checkpoints hold the batches sampled ahead)."""
+    args = ["--steps", 10, *SMALL, "--set", "trainer.save_every=3", "--seed", 5,
+            "--set", f"trainer.max_staleness={staleness}"]
     full = tmp_path / "full"
     rlcore("run", "--run-dir", full, *args)
     killed = tmp_path / "killed"
