@@ -92,3 +92,23 @@ def test_lora_on_fsdp_under_torchrun_builds_the_embedded_model_once(tmp_path: Pa
     backend = run_dir / "checkpoints" / "step_000002" / "backend"
     assert (backend / "adapter" / "adapter_model.safetensors").is_file()
     assert len(list((backend / "dcp").glob("*.distcp"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "lora"])
+def test_asynchronous_run_follows_the_staleness_schedule_and_resumes_exactly(tmp_path: Path, backend: str) -> None:
+    """`trainer.max_staleness=1`: the backend's snapshots feed the rollout thread; a resume from the step-3
+    checkpoint (which holds the batches sampled ahead) retrains steps 4-6 exactly."""
+    full = tmp_path / "full"
+    rlcore("run", "--run-dir", full, "--steps", 6, "--backend", backend, "--set", "trainer.max_staleness=1",
+           "--set", "trainer.save_every=3", *SMALL)
+    rows = metrics(full)
+    assert [r["async/staleness_max"] for r in rows] == [0.0] + [1.0] * 5
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")
+    (resumed / "summary.json").unlink()
+    rlcore("run", "--resume", resumed)
+    wait = ("async/trainer_wait_s", "async/rollout_wait_s")
+    assert [{k: v for k, v in r.items() if k not in wait} for r in metrics(resumed)] == \
+        [{k: v for k, v in r.items() if k not in wait} for r in rows]

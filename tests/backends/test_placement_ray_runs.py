@@ -135,3 +135,21 @@ def test_killed_disaggregated_worker_stops_the_run_with_an_error_naming_it(tmp_p
     name = f"Ray worker rollout-0 (rollout 'hf'; node {node}, pid {pid})"
     assert f"Error: {name} died during " in text and str(run_dir / "ray") in text
     assert_ray_cleaned_up(run_dir, text)
+
+
+@pytest.mark.slow
+def test_asynchronous_disaggregated_run_equals_the_asynchronous_local_run(tmp_path):
+    """`trainer.max_staleness=1` with the trainer and the rollout on separate Ray workers (weights through the
+    object store, sampled from the rollout thread): every step's metrics equal the one-process run's."""
+    volatile = ("timing/", "tokens_per_s", "update/seconds", "sync/", "async/trainer_wait_s", "async/rollout_wait_s")
+    args = ["--steps", 12, "--set", "trainer.save_every=0", "--set", "trainer.max_staleness=1"]
+    run("--run-dir", tmp_path / "local", *args, cwd=tmp_path)
+    proc = run("--run-dir", tmp_path / "ray", *args, *RAY, "--set", "placement.mode=disaggregated",
+               "--set", "placement.devices_per_node=2", cwd=tmp_path)
+
+    def stable(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith(volatile) and "tokens_per_s" not in k}
+                for r in MetricsLog.read(run_dir / "metrics.jsonl")]
+    assert stable(tmp_path / "ray") == stable(tmp_path / "local")
+    assert [r["async/staleness_max"] for r in stable(tmp_path / "ray")] == [0.0] + [1.0] * 11
+    assert_ray_cleaned_up(tmp_path / "ray", proc.stdout + proc.stderr)
