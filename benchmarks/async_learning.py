@@ -22,10 +22,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def final_rewards(run_dir: Path, seed: int, k: int, steps: int) -> tuple[float, float]:
+def final_rewards(run_dir: Path, seed: int, k: int, steps: int, extra: list[str]) -> tuple[float, float]:
     """One default run; the mean reward of its first and last 10 steps."""
     cmd = [sys.executable, "-m", "rlcore", "run", "--run-dir", str(run_dir), "--seed", str(seed), "--steps", str(steps),
            "--set", f"trainer.max_staleness={k}", "--set", "trainer.save_every=0"]
+    for option in extra if k else ():
+        cmd += ["--set", option]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -38,13 +40,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an option for the asynchronous runs only (e.g. algo.tis_cap=2)")
     a = parser.parse_args()
     finals: dict[int, list[float]] = {}
     print("| max_staleness | seed | reward, first 10 steps | reward, last 10 steps |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for k in a.staleness:
             for seed in a.seeds:
-                first, last = final_rewards(Path(tmp) / f"k{k}-s{seed}", seed, k, a.steps)
+                first, last = final_rewards(Path(tmp) / f"k{k}-s{seed}", seed, k, a.steps, a.extra)
                 finals.setdefault(k, []).append(last)
                 print(f"| {k} | {seed} | {first:.3f} | {last:.3f} |", flush=True)
     print("\n| max_staleness | mean final reward | range over seeds |\n|---|---|---|")

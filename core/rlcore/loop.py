@@ -162,6 +162,10 @@ class Trainer:
         for key in self.registry.keys():
             self.registry.call(key, "setup", ctx=ctx)
         self.loss: PolicyLoss = self.registry.require("algo", "policy_loss")
+        if t.max_staleness and getattr(self.loss, "tis_cap", 0) is None:
+            log.warning("trainer.max_staleness=%d without algo.tis_cap: stale samples are trained on as if the "
+                        "current policy had sampled them, which slows learning (README: Asynchronous RL); "
+                        "set algo.tis_cap=2 to correct for the policy that sampled them", t.max_staleness)
         self.turns = turn_inputs(self.registry)
         if fit is not None:
             fit.use_tools(self.turns["tools"])

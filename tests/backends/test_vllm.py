@@ -260,11 +260,13 @@ def test_rlcore_run_with_vllm_learns_the_default_task(tmp_path: Path) -> None:
 
 
 def test_asynchronous_run_with_vllm_learns_with_the_bounded_staleness(tmp_path: Path) -> None:
-    """`trainer.max_staleness=1`: the engine generates step j's batch with the weights after step j - 1, loaded
-    between batches from the rollout thread while the trainer trains; the default task still learns."""
+    """`trainer.max_staleness=1` (with the decoupled objective, `algo.tis_cap=2`): the engine generates step j's
+    batch with the weights after step j - 1, loaded between batches from the rollout thread while the trainer
+    trains; the default task still learns."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rlcore", "run", "--rollout", "vllm", "--run-dir", str(run_dir),
-                           "--set", "trainer.max_staleness=1"], capture_output=True, text=True, timeout=1200)
+                           "--set", "trainer.max_staleness=1", "--set", "algo.tis_cap=2"], capture_output=True,
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = MetricsLog.read(run_dir / "metrics.jsonl")
     assert [r["async/staleness_max"] for r in rows] == [0.0] + [1.0] * (len(rows) - 1)

@@ -123,3 +123,12 @@ def test_the_staleness_of_a_run_cannot_change_on_resume(tmp_path):
     result = CliRunner().invoke(main, ["run", "--resume", str(run_dir), "--steps", "4",
                                        "--set", "trainer.max_staleness=0"])
     assert result.exit_code == 2 and "trainer.max_staleness 1 -> 0 would change what this run is" in result.output
+
+
+def test_staleness_without_importance_correction_is_warned_about(tmp_path, caplog):
+    args = ["run", "--steps", 1, *SMALL, "--set", "trainer.max_staleness=1", "--set", "trainer.save_every=0"]
+    run(*args, "--run-dir", tmp_path / "a")
+    assert "without algo.tis_cap" in caplog.text
+    caplog.clear()
+    run(*args, "--run-dir", tmp_path / "b", "--set", "algo.tis_cap=2")
+    assert "without algo.tis_cap" not in caplog.text and "Error" not in caplog.text
