@@ -3,6 +3,7 @@ same placement and work, measured side by side in one run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/async_speed.py                 # random models, ~10 minutes
     OMP_WAIT_POLICY=PASSIVE python benchmarks/async_speed.py --smollm2       # adds SmolLM2-135M (../shared/data)
+    python benchmarks/async_speed.py --gpu --steps 12 --warmup 3             # one CUDA GPU (not executed yet)
 
 Each case runs the real `rlcore run` twice per round (k=0, then k=1; `--rounds` alternating rounds) on Ray's
 disaggregated placement with two CPU devices: the trainer on one core, the rollout worker on the other
@@ -36,8 +37,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared_data import REPO, SMOLLM2, require  # noqa: E402
 
-RAY = ["--set", "plugins.placement=ray", "--set", "placement.mode=disaggregated",
-       "--set", "placement.devices_per_node=2", "--set", "trainer.save_every=0", "--set", "trainer.log_mismatch=false"]
+COMMON = ["--set", "trainer.save_every=0", "--set", "trainer.log_mismatch=false"]
+RAY = ["--set", "plugins.placement=ray", "--set", "placement.mode=disaggregated", "--set", "placement.devices_per_node=2"]
+ONE_GPU = ["--hardware", "cuda", "--set", "plugins.placement=local"]
+"""`--gpu`: one GPU, so the rollout thread and the trainer share it in one process (not executed here yet)."""
+
+
+def gpu_cases(work: Path) -> list[tuple[str, list[str]]]:
+    """A random Qwen2 of Qwen2.5-0.5B's depth and width (hidden 896, 24 layers, 14 heads of 64; the character
+    vocabulary, so ~0.3B parameters) built on the spot, in bf16 on both sides, short to long responses."""
+    from rlcore.models import build_tiny_model
+
+    model = build_tiny_model(work / "gpu-model", hidden=896, layers=24, heads=14)
+    args = ["--model", model, "--set", "backend.lr=1e-5", "--set", "backend.dtype=bfloat16",
+            "--set", "rollout.dtype=bfloat16", "--set", "task.max_operand=4"]
+    return [(f"random 0.5B-shaped Qwen2 (cuda, bf16), {p}x{n} rows, {t} tokens", [
+        *args, "--set", f"trainer.prompts_per_step={p}", "--set", f"sampling.n={n}",
+        "--set", f"sampling.max_new_tokens={t}", "--set", f"sampling.min_new_tokens={t}"])
+        for p, n, t in ((32, 8, 128), (16, 8, 256), (8, 4, 512))]
 
 
 def cases(work: Path, smollm2: bool) -> list[tuple[str, list[str]]]:
@@ -61,7 +78,7 @@ def cases(work: Path, smollm2: bool) -> list[tuple[str, list[str]]]:
 
 def timed_run(run_dir: Path, args: list[str], steps: int, k: int, warmup: int) -> dict[str, float]:
     """One `rlcore run`; the seconds of its steps after the warm-up, and the synchronous split of a step."""
-    cmd = [sys.executable, "-m", "rlcore", "run", "--run-dir", str(run_dir), "--steps", str(steps), *RAY,
+    cmd = [sys.executable, "-m", "rlcore", "run", "--run-dir", str(run_dir), "--steps", str(steps), *COMMON,
            "--set", f"trainer.max_staleness={k}", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -81,15 +98,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (reads ../shared/data)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    parser.add_argument("--gpu", action="store_true",
+                        help="instead: one CUDA GPU shared by both sides in one process, a 0.5B-shaped random model")
     a = parser.parse_args()
-    print(f"cores: {os.cpu_count()}; placement: Ray disaggregated, trainer and rollout one core each; "
-          f"{a.steps} steps ({a.warmup} warm-up), {a.rounds} alternating rounds")
+    placement = "one CUDA GPU, local placement" if a.gpu else "Ray disaggregated, trainer and rollout one core each"
+    print(f"cores: {os.cpu_count()}; placement: {placement}; {a.steps} steps ({a.warmup} warm-up), "
+          f"{a.rounds} alternating rounds")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         table = []
-        for name, args in cases(work, a.smollm2):
+        for name, args in gpu_cases(work) if a.gpu else cases(work, a.smollm2):
             if a.only not in name:
                 continue
+            args = [*(ONE_GPU if a.gpu else RAY), *args]
             speedups, ratios, per_step = [], [], {0: [], 1: []}
             for r in range(a.rounds):
                 result = {k: timed_run(work / f"{len(table)}-{r}-{k}", args, a.steps, k, a.warmup) for k in (0, 1)}
