@@ -190,11 +190,9 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     raw = {
         "plugins": {"algo": "grpo", "backend": "torch", "rollout": spec.get("rollout", "hf"),
                     "task": "arithmetic", "hardware": "cpu"},
-        # log_mismatch off: TRL does no logprob pass when on-policy either (it is a diagnostic: rlcore's
-        # default recomputes the trainer's logprobs to report their mismatch with the rollout's).
+        # rlcore's defaults otherwise: `log_mismatch` costs nothing on-policy (the update's forward measures it)
         "trainer": {"model": spec["model_dir"], "steps": total, "seed": spec["seed"],
-                    "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0,
-                    "log_mismatch": spec.get("log_mismatch", False)},
+                    "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0},
         # min_new_tokens = max_new_tokens: a fixed completion length, as TRL's generation_kwargs below
         "sampling": {"n": spec["group"], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": spec["tokens"],
                      "min_new_tokens": spec["tokens"]},

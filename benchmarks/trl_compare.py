@@ -152,7 +152,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
     add(f"rlcore side: torch {rv['torch']}, transformers {rv['transformers']}, {rv['threads']} threads, "
         f"{rv['cpu_capability']}; update dtype {rl_runs[0]['dtype']}, micro_batch_tokens "
         f"{rl_runs[0]['micro_batch_tokens']}, rollout {rl_runs[0]['rollout']}, log_mismatch "
-        f"{rl_runs[0].get('log_mismatch')} (--log-mismatch: the diagnostic logprob pass TRL does not make)")
+        f"{rl_runs[0].get('log_mismatch')} (measured in the update's own forward, no extra pass)")
     add(f"TRL side: trl {tv.get('trl', '?')}, torch {tv['torch']}, transformers {tv['transformers']}, "
         f"{tv['threads']} threads; dtype {tr_runs[0]['dtype']}, optim {tr_runs[0]['optim'].split('.')[-1].lower()}, "
         f"gradient_checkpointing {tr_runs[0]['gradient_checkpointing']}")
@@ -274,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     parser.add_argument("--peak-budget", type=float, default=40.0,
                         help="seconds one dtype's matmul peak may take; the size shrinks from 4096 to fit (default 40)")
-    parser.add_argument("--log-mismatch", action="store_true",
-                        help="rlcore also recomputes the trainer's logprobs to log their mismatch with the rollout's "
-                             "(its default, a diagnostic; TRL makes no such pass on-policy)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -299,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict[str, Any] = {"model": args.model, "model_dir": str(work / f"model-{args.model}"), "work_dir": str(work),
                             "steps": args.steps, "warmup": args.warmup, "prompts": args.prompts,
                             "group": args.group, "tokens": args.tokens, "lr": args.lr, "seed": args.seed,
-                            "dtype": args.dtype, "log_mismatch": args.log_mismatch, "rollout": args.rollout,
+                            "dtype": args.dtype, "rollout": args.rollout,
                             "peak_budget": args.peak_budget}
     print(f"preparing model {args.model} ...", flush=True)
     model = run_worker(sys.executable, "prepare", spec, logs, "prepare", args.timeout)["model"]

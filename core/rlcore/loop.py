@@ -27,7 +27,7 @@ from rlcore.data import PromptStream
 from rlcore.errors import CheckpointError, TrainingError
 from rlcore.evaluate import evaluate, turn_inputs
 from rlcore.generations import GenerationLog
-from rlcore.metrics import MetricsLog, ProgressDisplay, logprob_mismatch
+from rlcore.metrics import MetricsLog, ProgressDisplay, finish_mismatch, logprob_mismatch
 from rlcore.pipeline import Collected, RolloutPipeline, batch_seed
 from rlcore.prompt_fit import PromptFit, prompt_fit
 from rlcore.plugins import SELECTED_KINDS, Registry, construct, instantiate
@@ -321,13 +321,10 @@ class Trainer:
                     self.registry.require("backend", "logprobs", batch=batch, reference=True), batch, reference=True)
             plan = UpdatePlan(epochs=self.cfg.trainer.epochs, mini_batches=self.cfg.trainer.mini_batches,
                               max_response_length=self.cfg.sampling.max_new_tokens)
-            off_policy = plan.epochs * plan.mini_batches > 1
-            if off_policy or self.cfg.trainer.log_mismatch:
-                before = self.contract.logprobs(
+            if plan.epochs * plan.mini_batches > 1:  # off-policy: the old policy's logprobs, before any step
+                batch.old_logprobs = self.contract.logprobs(
                     self.registry.require("backend", "logprobs", batch=batch, reference=False), batch, reference=False)
-                metrics.update(logprob_mismatch(before, batch.rollout_logprobs, batch.response_mask))
-                if off_policy:
-                    batch.old_logprobs = before
+                metrics.update(logprob_mismatch(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask))
             timings["timing/logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             batch.advantages = self.contract.advantage(self.registry.require("algo", "advantage", batch=batch), batch)
@@ -336,8 +333,11 @@ class Trainer:
             metrics["advantage/std"] = math.sqrt(max(_masked_mean(adv**2, batch.response_mask) - metrics["advantage/mean"] ** 2, 0.0))
             timings["timing/advantage"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self.contract.update(self.registry.require("backend", "update", batch=batch, loss=self.loss,
-                                                                      plan=plan)))
+            # on-policy, the update's own forward measures the mismatch (see `on_policy_mismatch`)
+            metrics.update(finish_mismatch(self.contract.update(self.registry.require(
+                "backend", "update", batch=batch, loss=self.loss, plan=plan))))
+            if not self.cfg.trainer.log_mismatch:
+                metrics = {name: value for name, value in metrics.items() if not name.startswith("mismatch/")}
             timings["timing/update"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             metrics.update(self._push_weights())

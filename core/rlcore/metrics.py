@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,73 @@ HEADLINE = (("reward/mean", "reward"), ("eval/pass@1", "pass@1"), ("response_len
 term), `kl_old` the policy's drift within the step's update (PPO's approx_kl)."""
 
 
+def reduction(name: str) -> str:
+    """How a metric combines over micro-batches, data-parallel ranks and optimizer steps: names ending in
+    `_max` or `_min` by maximum or minimum, every other metric by sum (parts already divided by the
+    whole mini-batch's counts, so their sum is the mini-batch's value)."""
+    return "max" if name.endswith("_max") else "min" if name.endswith("_min") else "sum"
+
+
+def combine(totals: dict[str, float], part: Mapping[str, float]) -> dict[str, float]:
+    """Fold one part's metrics into `totals` (in place, and returned) as `reduction` says."""
+    for name, value in part.items():
+        value = float(value)
+        if name not in totals:
+            totals[name] = value
+        else:
+            kind = reduction(name)
+            totals[name] = (max if kind == "max" else min if kind == "min" else float.__add__)(totals[name], value)
+    return totals
+
+
+def mean_over_steps(totals: Mapping[str, float], steps: int) -> dict[str, float]:
+    """Per-step means of summed metrics over `steps` optimizer steps; maxima and minima stay as they are."""
+    return {name: value if reduction(name) != "sum" else value / steps for name, value in totals.items()}
+
+
+def mismatch_parts(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, tokens: float) -> dict[str, float]:
+    """One part's share of the rollout-vs-trainer mismatch, for `combine` across micro-batches and ranks:
+    sums divided by the whole batch's loss `tokens`, maxima, minima. `finish_mismatch` turns the combined
+    shares into the `mismatch/*` metrics. Computed in float64 on w - 1, so that weights within 1e-7 of 1
+    keep their spread."""
+    diff = (trainer.detach().double() - rollout.detach().double())[mask > 0]
+    dev = diff.expm1()  # the importance weight minus 1, exact near 0
+    empty = diff.numel() == 0
+    return {"mismatch/abs_diff_mean": float(diff.abs().sum()) / tokens,
+            "mismatch/abs_diff_max": -math.inf if empty else float(diff.abs().max()),
+            "mismatch/iw_mean": (diff.numel() + float(dev.sum())) / tokens,
+            MISMATCH_DEV_SQ: float((dev * dev).sum()) / tokens,
+            "mismatch/iw_min": math.inf if empty else 1.0 + float(dev.min()),
+            "mismatch/iw_max": -math.inf if empty else 1.0 + float(dev.max())}
+
+
+MISMATCH_DEV_SQ = "mismatch/iw_dev_sq_mean"
+"""The mean of (w - 1)^2: a summable part that `finish_mismatch` turns into `mismatch/iw_std`."""
+
+
+def finish_mismatch(metrics: dict[str, float]) -> dict[str, float]:
+    """Turn combined `mismatch_parts` into the logged metrics (in place, and returned): `mismatch/iw_std`
+    (population standard deviation) from the mean square, and no `mismatch/*` at all when no token was
+    in the loss."""
+    if MISMATCH_DEV_SQ not in metrics:
+        return metrics
+    dev_sq = metrics.pop(MISMATCH_DEV_SQ)
+    if not math.isfinite(metrics["mismatch/abs_diff_max"]):
+        for name in [n for n in metrics if n.startswith("mismatch/")]:
+            del metrics[name]
+        return metrics
+    metrics["mismatch/iw_std"] = math.sqrt(max(dev_sq - (metrics["mismatch/iw_mean"] - 1.0) ** 2, 0.0))
+    return metrics
+
+
 def logprob_mismatch(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """How far the rollout engine's logprobs of the sampled tokens are from the trainer's on the same weights.
 
     `mismatch/abs_diff_*` is |log pi_train - log pi_rollout| over the tokens in the loss, and `mismatch/iw_*`
     the token importance weight pi_train / pi_rollout (1 when the engines agree; TIS clips it).
     """
-    keep = mask > 0
-    if not bool(keep.any()):
-        return {}
-    diff = (trainer.float() - rollout.float())[keep]
-    weight = diff.exp()
-    return {"mismatch/abs_diff_mean": float(diff.abs().mean()), "mismatch/abs_diff_max": float(diff.abs().max()),
-            "mismatch/iw_mean": float(weight.mean()), "mismatch/iw_std": float(weight.std()) if diff.numel() > 1 else 0.0,
-            "mismatch/iw_min": float(weight.min()), "mismatch/iw_max": float(weight.max())}
+    tokens = float((mask > 0).sum())
+    return finish_mismatch(mismatch_parts(trainer, rollout, mask, max(tokens, 1.0)))
 
 
 class MetricsLog:

@@ -38,8 +38,9 @@ class TrainerOptions:
     max_resample_rounds: int = attrs.field(default=4, validator=check_range(0))
     """Extra sampling rounds to refill groups dropped by `keep_groups` (dynamic sampling)."""
     log_mismatch: bool = True
-    """Log how far the rollout engine's logprobs are from the trainer's before the update (`mismatch/*`);
-    on-policy runs (one epoch, one mini-batch) pay one extra no-grad forward for it."""
+    """Log how far the rollout engine's logprobs are from the trainer's before the update (`mismatch/*`).
+    Free: on-policy runs (one epoch, one mini-batch) measure it in the update's own forward, off-policy
+    runs in the old-logprobs pass they need anyway."""
     eval_every: int = attrs.field(default=0, validator=check_range(0))
     """Evaluate on the task's test split every N steps and at the end (0: never)."""
     eval_limit: int = attrs.field(default=64, validator=check_range(1))

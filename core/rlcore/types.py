@@ -229,7 +229,8 @@ class PolicyLoss:
 
     `__call__` returns this micro-batch's share of the mini-batch loss (normalised by the global
     counts in `norm`) and metrics already divided the same way, so the backend sums both over
-    micro-batches. Subclasses set the flags so the backend computes only what is needed.
+    micro-batches (a metric named `*_max` or `*_min` is reduced by maximum or minimum instead, see
+    `rlcore.metrics.reduction`). Subclasses set the flags so the backend computes only what is needed.
     """
 
     needs_ref_logprobs: bool = False

@@ -23,6 +23,7 @@ from policy_losses import SequenceMeanPG, TokenMeanPG
 from rlcore import RolloutBatch, SamplingParams, UpdatePlan
 from rlcore.context import RunContext
 from rlcore.errors import TrainingError
+from rlcore.metrics import finish_mismatch
 from rlcore.testing import make_context
 from rlcore_backends.common import micro_batches
 from rlcore_backends.update.fsdp.backend import FSDPBackend
@@ -120,6 +121,21 @@ def test_loss_uses_global_counts_across_ranks(fsdp: FSDPBackend, torch_backend: 
         sequence_mean, rel=1e-5, abs=1e-6)
     torch_backend.update(batch=part, loss=SequenceMeanPG(), plan=UpdatePlan())
     assert_same_weights(weights(fsdp), weights(torch_backend), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 5, 9, 10], [7]], ids=["uneven-shards", "one-rank-empty"])
+def test_the_mismatch_combines_over_ranks(fsdp: FSDPBackend, torch_backend: TorchBackend, batch: RolloutBatch,
+                                          rows: list[int]) -> None:
+    """Each rank measures its shard in the update's forward; sums, maxima and minima combine to what one
+    process measures (a rank without samples contributes nothing)."""
+    part = on_policy(batch.select(rows))
+    noise = 0.05 * torch.randn(part.response_ids.shape, generator=torch.Generator().manual_seed(2))
+    part.rollout_logprobs = part.rollout_logprobs + noise * part.response_mask
+    got = finish_mismatch(fsdp.update(batch=part, loss=TokenMeanPG(), plan=UpdatePlan()))
+    want = finish_mismatch(torch_backend.update(batch=part, loss=TokenMeanPG(), plan=UpdatePlan()))
+    mismatch = {k: v for k, v in want.items() if k.startswith("mismatch/")}
+    assert len(mismatch) == 6 and mismatch["mismatch/abs_diff_max"] > 0.01
+    assert {k: v for k, v in got.items() if k.startswith("mismatch/")} == pytest.approx(mismatch, abs=1e-6)
 
 
 def test_non_finite_loss_raises_and_the_group_goes_on(fsdp: FSDPBackend, batch: RolloutBatch) -> None:

@@ -14,6 +14,7 @@ from rlcore import RolloutBatch, SamplingParams, UpdatePlan, Weights
 from rlcore.config import build_options
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, TrainingError
+from rlcore.metrics import finish_mismatch, logprob_mismatch
 from rlcore.testing import check_backend
 from rlcore_backends.rollout.hf.rollout import HFRollout
 from rlcore_backends.update.torch.backend import TorchBackend
@@ -65,6 +66,23 @@ def test_micro_batch_split_does_not_change_gradients(make_backend: Factory, batc
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
     for key in ("loss", "grad_norm", "pg/ratio", "entropy"):
         assert m_small[key] == pytest.approx(m_big[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("micro_batch_tokens", [40, 10**6])
+def test_a_one_step_update_measures_the_mismatch_in_its_own_forward(make_backend: Factory, batch: RolloutBatch,
+                                                                    micro_batch_tokens: int) -> None:
+    """What the loop's extra no-grad pass used to measure, maxima and minima included, from the update's
+    forward over however many micro-batches; an update of several steps measures nothing."""
+    noise = 0.05 * torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(1))
+    batch.rollout_logprobs = batch.rollout_logprobs + noise * batch.response_mask
+    backend = make_backend(lr=1e-3, micro_batch_tokens=micro_batch_tokens)
+    want = logprob_mismatch(backend.logprobs(batch=batch, reference=False), batch.rollout_logprobs,
+                            batch.response_mask)
+    got = finish_mismatch(backend.update(batch=batch, loss=TokenMeanPG(), plan=UpdatePlan()))
+    assert {k: v for k, v in got.items() if k.startswith("mismatch/")} == pytest.approx(want, abs=1e-6)
+    assert want["mismatch/abs_diff_max"] > 0.05 and want["mismatch/iw_std"] > 0.01
+    assert not any(k.startswith("mismatch/") for k in backend.update(batch=batch, loss=TokenMeanPG(),
+                                                                     plan=UpdatePlan(mini_batches=2)))
 
 
 def test_update_reduces_the_loss(make_backend: Factory, batch: RolloutBatch) -> None:

@@ -95,7 +95,7 @@ def test_validation_every_n_steps(tmp_path):
            "--set", "trainer.eval_limit=8", "--set", "trainer.save_every=0", "--set", "trainer.log_mismatch=false")
     rows = MetricsLog.read(run_dir / "metrics.jsonl")
     assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
-    assert not any(k.startswith("mismatch/") for r in rows for k in r)  # switched off: no extra forward
+    assert not any(k.startswith("mismatch/") for r in rows for k in r)  # switched off
     assert all(0.0 <= r["eval/pass@1"] <= 1.0 for r in rows if "eval/pass@1" in r)
 
 
@@ -104,3 +104,15 @@ def test_trace_prints_every_hook_call(tmp_path):
     calls = [line for line in proc.stderr.splitlines() if line.startswith("[rlcore trace]")]
     for hook in ("setup", "dataset", "sample", "score", "advantage", "update", "policy_weights", "sync_weights"):
         assert any(f" {hook} [hook]" in line for line in calls), hook
+    # on-policy, the mismatch comes from the update's own forward: no logprobs pass is paid for it
+    assert not any(" logprobs [hook]" in line for line in calls)
+
+
+def test_off_policy_updates_score_the_old_policy_once(tmp_path):
+    run_dir = tmp_path / "t"
+    proc = rlcore("run", "--trace", "--run-dir", run_dir, "--steps", 1, *SMALL, "--set", "trainer.save_every=0",
+                  "--set", "trainer.mini_batches=2")
+    calls = [line for line in proc.stderr.splitlines() if line.startswith("[rlcore trace]")]
+    assert sum(" logprobs [hook]" in line for line in calls) == 1
+    (row,) = MetricsLog.read(run_dir / "metrics.jsonl")
+    assert row["mismatch/abs_diff_max"] < 1e-4 and {"mismatch/iw_std", "mismatch/iw_min"} <= set(row)

@@ -9,16 +9,18 @@ from torch import Tensor
 
 from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch
 from rlcore.errors import TrainingError
+from rlcore.metrics import mismatch_parts
 from rlcore_backends.common.logprobs import response_logprobs
 
 
-def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
-              autocast: torch.autocast, keep_logits_mib: float = 0) -> tuple[Tensor, dict[str, float]]:
+def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm, autocast: torch.autocast,
+              keep_logits_mib: float = 0, mismatch: bool = False) -> tuple[Tensor, dict[str, float]]:
     """Forward a micro-batch (already trimmed and on the model's device) and apply the loss.
 
-    Returns the loss (with grad, for the caller's `backward`) and the micro-batch's share of the metrics:
-    `loss`, `entropy` (token mean over the mini-batch) and the loss's own metrics. `keep_logits_mib`: see
-    `TrainOptions.keep_logits_mib`.
+    Returns the loss (with grad, for the caller's `backward`) and the micro-batch's share of the metrics
+    (fold them with `rlcore.metrics.combine`): `loss`, `entropy` (token mean over the mini-batch), the
+    loss's own metrics and, with `mismatch` (an update of one optimizer step), the rollout-vs-trainer
+    mismatch (`on_policy_mismatch`). `keep_logits_mib`: see `TrainOptions.keep_logits_mib`.
     """
     with autocast:
         logprobs, entropy = response_logprobs(model, *part.sequences(), part.response_ids, part.temperature,
@@ -32,7 +34,18 @@ def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm,
     metrics = {"loss": float(value.detach()),
                "entropy": float((entropy.detach() * part.response_mask).sum()) / norm.tokens}
     metrics.update({name: float(metric) for name, metric in loss_metrics.items()})
+    if mismatch:
+        metrics.update(on_policy_mismatch(logprobs, part, norm))
     return value, metrics
+
+
+def on_policy_mismatch(logprobs: Tensor, part: RolloutBatch, norm: LossNorm) -> dict[str, float]:
+    """This micro-batch's share of `mismatch/*`, for an update of one optimizer step on an on-policy batch
+    (no `old_logprobs`): every micro-batch's forward then runs on the weights before the step, those the
+    loop would otherwise score in an extra no-grad pass. Call it from the update's forward only then."""
+    if part.old_logprobs is not None or part.rollout_logprobs is None:
+        return {}
+    return mismatch_parts(logprobs, part.rollout_logprobs, part.response_mask, norm.tokens)
 
 
 def logprobs_pass(model: Any, part: RolloutBatch, autocast: torch.autocast) -> Tensor:

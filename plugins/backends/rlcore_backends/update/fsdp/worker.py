@@ -12,7 +12,6 @@ import contextlib
 import gc
 import math
 import os
-from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers.utils import logging as hf_logging
 
 from rlcore import LossNorm, ModelSpec, PolicyLoss, RolloutBatch
+from rlcore.metrics import combine, mean_over_steps, reduction
 from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.logprobs import response_logits
@@ -134,12 +134,11 @@ class FSDPWorker:
         """`epochs` passes over this rank's shards of the mini-batches, one optimizer step each. Returns
         the metrics (summed over ranks, averaged over steps) and the optimizer steps taken so far."""
         self.model.train()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float] = {}
         for _ in range(epochs):
             for mini in minis:
-                for name, value in self._step(mini, loss, max_len).items():
-                    sums[name] += value
-        return {name: value / (epochs * len(minis)) for name, value in sums.items()}, self.steps
+                combine(sums, self._step(mini, loss, max_len, mismatch=epochs * len(minis) == 1))
+        return mean_over_steps(sums, epochs * len(minis)), self.steps
 
     def logprobs(self, shard: RolloutBatch, reference: bool) -> list[Tensor] | None:
         """No-grad logprobs of this rank's shard; rank 0 gets every rank's, in rank order."""
@@ -220,23 +219,21 @@ class FSDPWorker:
 
     # ---- one optimizer step -----------------------------------------------------------------------
 
-    def _step(self, mini: RolloutBatch, loss: PolicyLoss, max_len: int) -> dict[str, float]:
+    def _step(self, mini: RolloutBatch, loss: PolicyLoss, max_len: int, mismatch: bool) -> dict[str, float]:
         """Forward/backward every micro-batch of this rank's shard with the mini-batch's global counts,
-        then clip the global gradient norm and step."""
+        then clip the global gradient norm and step (`mismatch`: as the torch backend's)."""
         norm = LossNorm.of(mini.response_mask, max_len, reduce=self._sum_over_ranks)
         passes = micro_batches.plan(mini, self.options.micro_batch_tokens)
-        metrics: dict[str, float] = defaultdict(float)
+        metrics: dict[str, float] = {}
         for i in range(self._max_over_ranks(len(passes))):
             if i < len(passes):
                 part = micro_batches.take(mini, passes[i]).to(self.device)
-                value, part_metrics = loss_pass(self.model, part, loss, norm, self._autocast())
+                value, part_metrics = loss_pass(self.model, part, loss, norm, self._autocast(), mismatch=mismatch)
                 value.backward()
-                for name, metric in part_metrics.items():
-                    metrics[name] += metric
+                combine(metrics, part_metrics)
             else:
                 self._idle_pass(micro_batches.take(mini, passes[0]).to(self.device))
-        names = sorted(metrics)
-        metrics = dict(zip(names, self._sum_over_ranks([metrics[n] for n in names])))
+        metrics = self._combine_over_ranks(metrics)
         max_norm = self.options.max_grad_norm or math.inf
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
@@ -289,6 +286,18 @@ class FSDPWorker:
         if self.steps:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         return state
+
+    def _combine_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics folded as `rlcore.metrics.reduction` says (sums, maxima, minima)."""
+        sums = sorted(n for n in metrics if reduction(n) == "sum")
+        extremes = sorted(n for n in metrics if reduction(n) != "sum")
+        out = dict(zip(sums, self._sum_over_ranks([metrics[n] for n in sums])))
+        if extremes:  # minima as maxima of the negatives, in one collective
+            sign = [-1.0 if reduction(n) == "min" else 1.0 for n in extremes]
+            t = torch.tensor([s * metrics[n] for s, n in zip(sign, extremes)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out.update({n: s * v for s, n, v in zip(sign, extremes, t.tolist())})
+        return out
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

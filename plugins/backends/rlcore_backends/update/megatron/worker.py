@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,9 @@ from torch import Tensor
 
 from rlcore import LossInputs, LossNorm, PolicyLoss, RolloutBatch, UpdatePlan
 from rlcore.errors import TrainingError
+from rlcore.metrics import combine, mean_over_steps
 from rlcore_backends.common import micro_batches
+from rlcore_backends.common.policy_pass import on_policy_mismatch
 from rlcore_backends.update.megatron.checkpoint import (SafetensorsReader, hf_config, load_model, rank_state_file,
                                                         save_model)
 from rlcore_backends.update.megatron.convert import Layout, shard_from_hf
@@ -110,15 +111,14 @@ class Worker:
         """`plan.epochs` x `plan.mini_batches` optimizer steps; mean metrics on the reporting rank."""
         self.ddp.train()
         max_len = plan.max_response_length or batch.response_ids.shape[1]
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float] = {}
         steps = 0
         for _ in range(plan.epochs):
             for mini in batch.split(math.ceil(len(batch) / plan.mini_batches)):
-                norm = LossNorm.of(mini.response_mask, max_len)
-                for name, value in self._step(mini, loss, norm).items():
-                    sums[name] += value
+                combine(sums, self._step(mini, loss, LossNorm.of(mini.response_mask, max_len),
+                                         mismatch=plan.epochs * plan.mini_batches == 1))
                 steps += 1
-        return {name: value / steps for name, value in sums.items()} if self.reports else None
+        return mean_over_steps(sums, steps) if self.reports else None
 
     def shard(self) -> tuple[tuple[int, int], dict[str, Tensor]]:
         """((tp_rank, pp_rank), this rank's policy weights under canonical names, on the CPU)."""
@@ -203,7 +203,7 @@ class Worker:
         logprobs, _ = self._token_logprobs(inputs, logits, entropy_grad=False)
         return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logprobs": logprobs}
 
-    def _loss_of(self, loss: PolicyLoss, norm: LossNorm, inputs: MicroInputs,
+    def _loss_of(self, loss: PolicyLoss, norm: LossNorm, mismatch: bool, inputs: MicroInputs,
                  logits: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         part = inputs.part
         logprobs, entropy = self._token_logprobs(inputs, logits, entropy_grad=loss.needs_entropy)
@@ -214,23 +214,25 @@ class Worker:
         report = {name: torch.as_tensor(metric).detach() for name, metric in metrics.items()}
         report["loss"] = value.detach()
         report["entropy"] = (entropy.detach() * part.response_mask).sum() / norm.tokens
+        if mismatch:
+            report.update({name: torch.tensor(value) for name, value in on_policy_mismatch(logprobs, part, norm).items()})
         return value, part.response_mask.sum().int(), report
 
-    def _step(self, mini: RolloutBatch, loss: PolicyLoss, norm: LossNorm) -> dict[str, float]:
-        """One optimizer step on a mini-batch: the schedule's summed micro-batch gradients, clipped."""
+    def _step(self, mini: RolloutBatch, loss: PolicyLoss, norm: LossNorm, mismatch: bool) -> dict[str, float]:
+        """One optimizer step on a mini-batch: the schedule's summed micro-batch gradients, clipped
+        (`mismatch`: the update's only step, whose forward also measures `mismatch/*`)."""
         from megatron.core.distributed import finalize_model_grads
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
         _, parts = self._micro_batches(mini)
-        outputs = self._schedule(self.ddp, parts, partial(self._loss_of, loss, norm), forward_only=False)
+        outputs = self._schedule(self.ddp, parts, partial(self._loss_of, loss, norm, mismatch), forward_only=False)
         finalize_model_grads([self.ddp])
-        metrics: dict[str, float] = defaultdict(float)
+        metrics: dict[str, float] = {}
         for output in outputs:
-            for name, value in output.items():
-                metrics[name] += float(value)
+            combine(metrics, {name: float(value) for name, value in output.items()})
         grad_norm = self._clip_gradients()
-        loss_value = self._from_last_stage(metrics["loss"])
+        loss_value = self._from_last_stage(metrics.get("loss", 0.0))
         lr = self.optimizer.param_groups[0]["lr"]
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise TrainingError(

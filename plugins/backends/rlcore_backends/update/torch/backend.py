@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from rlcore import LossNorm, PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
 from rlcore.context import RunContext
+from rlcore.metrics import combine, mean_over_steps
 from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
@@ -68,16 +68,16 @@ class TorchBackend:
         start = time.perf_counter()
         self.model.train()
         max_len = plan.max_response_length or batch.response_ids.shape[1]
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float] = {}
         steps = tokens = 0
         for _ in range(plan.epochs):
             for mini in batch.split(math.ceil(len(batch) / plan.mini_batches)):
-                for name, value in self._step(mini, loss, LossNorm.of(mini.response_mask, max_len)).items():
-                    sums[name] += value
+                combine(sums, self._step(mini, loss, LossNorm.of(mini.response_mask, max_len),
+                                         mismatch=plan.epochs * plan.mini_batches == 1))
                 steps += 1
                 tokens += int(mini.prompt_mask.sum() + mini.attention_mask.sum())
         seconds = time.perf_counter() - start
-        return {**{name: value / steps for name, value in sums.items()},
+        return {**mean_over_steps(sums, steps),
                 "update/seconds": seconds, "update/tokens_per_s": tokens / seconds}
 
     @hookimpl
@@ -135,15 +135,15 @@ class TorchBackend:
 
     # ---- one optimizer step -----------------------------------------------------------------------
 
-    def _step(self, mini: RolloutBatch, loss: PolicyLoss, norm: LossNorm) -> dict[str, float]:
-        """One optimizer step on a mini-batch: micro-batch losses summed through backward, then clip and step."""
-        metrics: dict[str, float] = defaultdict(float)
+    def _step(self, mini: RolloutBatch, loss: PolicyLoss, norm: LossNorm, mismatch: bool) -> dict[str, float]:
+        """One optimizer step on a mini-batch: micro-batch losses summed through backward, then clip and step;
+        `mismatch`: the only step of the update, so its forward also measures `mismatch/*`."""
+        metrics: dict[str, float] = {}
         for mb in micro_batches.plan(mini, self.options.micro_batch_tokens):
             value, part_metrics = loss_pass(self.model, micro_batches.take(mini, mb).to(self.device), loss, norm,
-                                            self._autocast(), self.options.keep_logits_mib)
+                                            self._autocast(), self.options.keep_logits_mib, mismatch)
             value.backward()
-            for name, metric in part_metrics.items():
-                metrics[name] += metric
+            combine(metrics, part_metrics)
         max_norm = self.options.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
