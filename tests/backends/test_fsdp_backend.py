@@ -108,7 +108,8 @@ def test_loss_uses_global_counts_across_ranks(fsdp: FSDPBackend, torch_backend: 
     give the whole mini-batch's token mean and sequence mean, as one process does."""
     part = on_policy(batch.select(rows))
     shards = micro_batches.rank_shards(part, 2)
-    counts = [len(micro_batches.plan(shard, OPTIONS["micro_batch_tokens"])) for shard, real in shards if real]
+    counts = [len(micro_batches.by_length(shard, OPTIONS["micro_batch_tokens"], micro_batches.pass_cost_tokens(
+        torch.device("cpu")))[1]) for shard, real in shards if real]
     assert len(rows) == 1 or counts[0] != counts[1], f"ranks should run different numbers of passes: {counts}"
     mask, adv = part.response_mask, part.advantages
     token_mean = -float((adv * mask).sum() / mask.sum())

@@ -16,6 +16,7 @@ from rlcore.context import RunContext
 from rlcore.errors import ConfigError, TrainingError
 from rlcore.metrics import finish_mismatch, logprob_mismatch
 from rlcore.testing import check_backend
+from rlcore_backends.common import micro_batches
 from rlcore_backends.rollout.hf.rollout import HFRollout
 from rlcore_backends.update.torch.backend import TorchBackend
 
@@ -42,6 +43,15 @@ def test_logprobs_match_rollout(make_backend: Factory, batch: RolloutBatch) -> N
     lp = make_backend(micro_batch_tokens=40).logprobs(batch=batch, reference=False)
     assert lp.shape == batch.response_ids.shape
     torch.testing.assert_close(lp, batch.rollout_logprobs, atol=1e-5, rtol=0)
+
+
+def test_logprobs_rows_come_back_in_batch_order_from_length_buckets(make_backend: Factory, batch: RolloutBatch) -> None:
+    """Rows are sorted by length and cut into several passes; each row's logprobs land on its own row."""
+    one_pass = make_backend(micro_batch_tokens=10**6).logprobs(batch=batch, reference=False)
+    tight = make_backend(micro_batch_tokens=60)
+    order, passes = micro_batches.by_length(batch, 60, micro_batches.pass_cost_tokens(tight.device))
+    assert len(passes) > 1 and order.tolist() != sorted(order.tolist()), "the rows are really reordered"
+    torch.testing.assert_close(tight.logprobs(batch=batch, reference=False), one_pass, atol=1e-5, rtol=0)
 
 
 def test_logprobs_same_alone_and_padded(make_backend: Factory, batch: RolloutBatch) -> None:

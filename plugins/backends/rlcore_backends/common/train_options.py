@@ -58,7 +58,8 @@ class OptimizerOptions:
     max_grad_norm: float = attrs.field(default=1.0, validator=check_range(0.0))
     """Clip the global gradient norm to this (0: no clipping; `grad_norm` is reported either way)."""
     micro_batch_tokens: int = attrs.field(default=16384, validator=check_range(1))
-    """Padded tokens (prompt + response) per forward/backward pass; a micro-batch holds at least one sample."""
+    """Padded tokens (prompt + response) per forward/backward pass at most; a micro-batch holds at least one
+    sample. torch and fsdp sort the rows by length and also cut where the padding saved outweighs a pass."""
     dtype: Literal["float32", "bfloat16"] = attrs.field(
         default="float32", validator=check_choice("float32", "bfloat16"))
     """Compute dtype: bfloat16 runs forward passes under autocast (weights and optimizer stay float32)."""

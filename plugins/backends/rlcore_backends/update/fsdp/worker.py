@@ -142,14 +142,16 @@ class FSDPWorker:
 
     def logprobs(self, shard: RolloutBatch, reference: bool) -> list[Tensor] | None:
         """No-grad logprobs of this rank's shard; rank 0 gets every rank's, in rank order."""
-        passes = micro_batches.plan(shard, self.options.micro_batch_tokens)
+        order, passes = micro_batches.by_length(shard, self.options.micro_batch_tokens,
+                                                micro_batches.pass_cost_tokens(self.device))
+        rows = shard.select(order)
         out = torch.zeros(shard.response_ids.shape)
         with self._scoring_model(reference) as model:
             for i in range(self._max_over_ranks(len(passes))):
                 mb = passes[min(i, len(passes) - 1)]
-                part = logprobs_pass(model, micro_batches.take(shard, mb).to(self.device), self._autocast())
+                part = logprobs_pass(model, micro_batches.take(rows, mb).to(self.device), self._autocast())
                 if i < len(passes):
-                    out[mb.start:mb.stop, :mb.response_width] = part.cpu()
+                    out[order[mb.start:mb.stop], :mb.response_width] = part.cpu()
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(out, gathered, dst=0)
         return gathered
@@ -223,16 +225,18 @@ class FSDPWorker:
         """Forward/backward every micro-batch of this rank's shard with the mini-batch's global counts,
         then clip the global gradient norm and step (`mismatch`: as the torch backend's)."""
         norm = LossNorm.of(mini.response_mask, max_len, reduce=self._sum_over_ranks)
-        passes = micro_batches.plan(mini, self.options.micro_batch_tokens)
+        order, passes = micro_batches.by_length(mini, self.options.micro_batch_tokens,
+                                                micro_batches.pass_cost_tokens(self.device))
+        rows = mini.select(order)  # the loss sums over micro-batches, so their order does not matter
         metrics: dict[str, float] = {}
         for i in range(self._max_over_ranks(len(passes))):
             if i < len(passes):
-                part = micro_batches.take(mini, passes[i]).to(self.device)
+                part = micro_batches.take(rows, passes[i]).to(self.device)
                 value, part_metrics = loss_pass(self.model, part, loss, norm, self._autocast(), mismatch=mismatch)
                 value.backward()
                 combine(metrics, part_metrics)
             else:
-                self._idle_pass(micro_batches.take(mini, passes[0]).to(self.device))
+                self._idle_pass(micro_batches.take(rows, passes[0]).to(self.device))
         metrics = self._combine_over_ranks(metrics)
         max_norm = self.options.max_grad_norm or math.inf
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

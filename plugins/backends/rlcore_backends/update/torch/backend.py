@@ -1,4 +1,4 @@
-"""Single-process PyTorch update backend: AdamW with an LR schedule, gradient clipping, token-budget micro-batches.
+"""Single-process PyTorch update backend: AdamW with an LR schedule, gradient clipping, length-bucketed micro-batches.
 
 The policy's master weights stay float32; `dtype: bfloat16` runs forward passes under autocast. The
 reference model (a frozen copy of the starting policy) is loaded on the first reference `logprobs` call,
@@ -55,10 +55,13 @@ class TorchBackend:
     def logprobs(self, batch: RolloutBatch, reference: bool) -> Tensor:
         """No-grad logprobs of logits / batch.temperature, 0 outside `attention_mask`, on the batch's device."""
         out = torch.zeros(batch.response_ids.shape)
+        order, passes = micro_batches.by_length(batch, self.options.micro_batch_tokens,
+                                                micro_batches.pass_cost_tokens(self.device))
+        rows = batch.select(order)
         with self._scoring_model(reference) as model:
-            for mb in micro_batches.plan(batch, self.options.micro_batch_tokens):
-                part = micro_batches.take(batch, mb).to(self.device)
-                out[mb.start:mb.stop, :mb.response_width] = logprobs_pass(model, part, self._autocast()).cpu()
+            for mb in passes:
+                part = micro_batches.take(rows, mb).to(self.device)
+                out[order[mb.start:mb.stop], :mb.response_width] = logprobs_pass(model, part, self._autocast()).cpu()
         return out.masked_fill(batch.attention_mask.cpu() == 0, 0.0).to(batch.response_ids.device)
 
     @hookimpl
@@ -139,8 +142,11 @@ class TorchBackend:
         """One optimizer step on a mini-batch: micro-batch losses summed through backward, then clip and step;
         `mismatch`: the only step of the update, so its forward also measures `mismatch/*`."""
         metrics: dict[str, float] = {}
-        for mb in micro_batches.plan(mini, self.options.micro_batch_tokens):
-            value, part_metrics = loss_pass(self.model, micro_batches.take(mini, mb).to(self.device), loss, norm,
+        order, passes = micro_batches.by_length(mini, self.options.micro_batch_tokens,
+                                                micro_batches.pass_cost_tokens(self.device))
+        rows = mini.select(order)  # the loss sums over micro-batches, so their order does not matter
+        for mb in passes:
+            value, part_metrics = loss_pass(self.model, micro_batches.take(rows, mb).to(self.device), loss, norm,
                                             self._autocast(), self.options.keep_logits_mib, mismatch)
             value.backward()
             combine(metrics, part_metrics)

@@ -1,0 +1,121 @@
+"""Work an on-policy step no longer does, timed both ways in one process: SmolLM2-135M on GSM8K prompts.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/wasted_work.py            # reads ../shared/data
+
+Samples one GRPO batch (`--prompts` GSM8K test prompts x `--n` samples, up to `--max-new-tokens` tokens,
+the hf rollout at temperature 1) with SmolLM2-135M-Instruct (its GGUF de-quantised once), then times,
+alternating for `--rounds` rounds on fresh copies of the same starting weights:
+
+- how an on-policy step gets its `mismatch/*` metric: `extra pass` (a no-grad `logprobs` pass before the
+  update, what the loop did until the update measured it) against `in update` (the update alone);
+- how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
+  default budget, what the backends did before) against `by length` (rows sorted by length and cut where
+  padding costs more than a pass, `micro_batches.by_length`, what they do now).
+
+Prints the median seconds, the per-step speed-ups (generation included), the padded tokens of each cut and
+the largest difference between the two ways' metrics. Machines are shared and noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402 - after the thread environment is set
+
+from _shared_data import GSM8K_TEST, SMOLLM2, require  # noqa: E402
+from rlcore import RolloutBatch, SamplingParams, UpdatePlan  # noqa: E402
+from rlcore.metrics import finish_mismatch, logprob_mismatch  # noqa: E402
+from rlcore.plugins import instantiate, load  # noqa: E402
+from rlcore.testing import make_context  # noqa: E402
+from rlcore_backends.common import micro_batches  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(SMOLLM2), help="a GGUF file or a transformers model directory")
+    parser.add_argument("--gsm8k", default=str(GSM8K_TEST), help="GSM8K's test split (jsonl)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model = require(args.model, "SmolLM2-135M-Instruct", "--model PATH")
+    data = require(args.gsm8k, "GSM8K's test split", "--gsm8k PATH")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = make_context(Path(tmp), Path(model))
+        task = instantiate(load("task", "gsm8k"), {"test_path": str(data)}, "task")
+        prompts = list(task.dataset(split="test"))[:args.prompts]
+        rollout = instantiate(load("rollout", "hf"), {}, "rollout")
+        rollout.setup(ctx=ctx)
+        t0 = time.perf_counter()
+        batch = rollout.sample(prompts=prompts, params=SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens,
+                                                                      temperature=1.0, seed=0),
+                               tools=[], interaction=None)
+        generation = time.perf_counter() - t0
+        batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
+        algo = instantiate(load("algo", "grpo"), {}, "algo")
+        loss = algo.policy_loss()
+        backend = instantiate(load("backend", "torch"), {}, "backend")
+        backend.setup(ctx=ctx)
+        start = copy.deepcopy(backend.model.state_dict())
+        by_length = micro_batches.by_length
+
+        def consecutive(rows: RolloutBatch, budget: int, pass_cost: int) -> tuple[torch.Tensor, list]:
+            return torch.arange(len(rows)), micro_batches.plan(rows, budget)
+
+        ways = {"extra pass": (True, by_length), "in update": (False, by_length),
+                "consecutive": (False, consecutive)}
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        times["logprobs pass"] = []
+        metrics: dict[str, dict[str, float]] = {}
+        for _ in range(args.rounds):
+            for way, (extra_pass, cut) in ways.items():
+                backend.model.load_state_dict(start)
+                micro_batches.by_length = cut
+                part = copy.copy(batch)
+                t0 = time.perf_counter()
+                if extra_pass:
+                    before = backend.logprobs(batch=part, reference=False)
+                    times["logprobs pass"].append(time.perf_counter() - t0)
+                    metrics[way] = logprob_mismatch(before, part.rollout_logprobs, part.response_mask)
+                    metrics[way]["loss"] = backend.update(batch=part, loss=loss, plan=UpdatePlan())["loss"]
+                else:
+                    metrics[way] = finish_mismatch(backend.update(batch=part, loss=loss, plan=UpdatePlan()))
+                times[way].append(time.perf_counter() - t0)
+        micro_batches.by_length = by_length
+    med = {way: statistics.median(values) for way, values in times.items()}
+    budget = backend.options.micro_batch_tokens
+    real = int(batch.prompt_mask.sum() + batch.attention_mask.sum())
+    padded = {"consecutive": sum(mb.padded_tokens for mb in micro_batches.plan(batch, budget)),
+              "by length": sum(mb.padded_tokens for mb in by_length(batch, budget, 128)[1])}
+    print(f"batch: {len(batch)} rows, {int(batch.response_mask.sum())} response tokens, {real} real tokens; "
+          f"generation {generation:.1f} s; {args.rounds} alternating rounds, medians")
+    print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")
+    for way in ways:
+        print(f"| {way} | {med[way]:.2f} | {generation + med[way]:.2f} |")
+    step = {way: generation + med[way] for way in ways}
+    print(f"extra no-grad pass {med['logprobs pass']:.2f} s: the step is {step['extra pass'] / step['in update']:.2f}x "
+          f"faster with the mismatch measured in the update")
+    print(f"padded tokens: consecutive {padded['consecutive']} ({padded['consecutive'] / real:.2f}x the real ones), "
+          f"by length {padded['by length']} ({padded['by length'] / real:.2f}x); update "
+          f"{med['consecutive'] / med['in update']:.2f}x, step {step['consecutive'] / step['in update']:.2f}x faster by length")
+    mismatch = [k for k in metrics["extra pass"] if k.startswith("mismatch/")]
+    print("largest difference of the mismatch metrics, extra pass vs in update: "
+          f"{max(abs(metrics['extra pass'][k] - metrics['in update'][k]) for k in mismatch):.2e} "
+          f"(abs_diff_max {metrics['extra pass']['mismatch/abs_diff_max']:.2e}); loss, consecutive vs by length: "
+          f"{abs(metrics['consecutive']['loss'] - metrics['in update']['loss']):.2e}")
+
+if __name__ == "__main__":
+    main()
