@@ -2,12 +2,14 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/wasted_work.py            # reads ../shared/data
 
-Samples one GRPO batch (`--prompts` GSM8K test prompts x `--n` samples, up to `--max-new-tokens` tokens,
-the hf rollout at temperature 1) with SmolLM2-135M-Instruct (its GGUF de-quantised once), then times,
-alternating for `--rounds` rounds on fresh copies of the same starting weights:
+Samples GRPO batches (`--prompts` GSM8K test prompts x `--n` samples, up to `--max-new-tokens` tokens,
+the hf rollout at temperature 1, seeded) with SmolLM2-135M-Instruct (its GGUF de-quantised once), timing,
+alternating for `--rounds` rounds (the update on fresh copies of the same starting weights):
 
 - how an on-policy step gets its `mismatch/*` metric: `extra pass` (a no-grad `logprobs` pass before the
   update, what the loop did until the update measured it) against `in update` (the update alone);
+- how the hf rollout's decode loop keeps its KV cache: `concatenating` (transformers' `DynamicLayer`, a copy
+  of the whole cache every step, what it did before) against `reserved` (written in place, `ReservedLayer`);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
   padding costs more than a pass, `micro_batches.by_length`, what they do now).
@@ -39,6 +41,7 @@ from rlcore.metrics import finish_mismatch, logprob_mismatch  # noqa: E402
 from rlcore.plugins import instantiate, load  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 from rlcore_backends.common import micro_batches  # noqa: E402
+from rlcore_backends.rollout.hf import decode  # noqa: E402
 
 
 def main() -> None:
@@ -59,11 +62,21 @@ def main() -> None:
         prompts = list(task.dataset(split="test"))[:args.prompts]
         rollout = instantiate(load("rollout", "hf"), {}, "rollout")
         rollout.setup(ctx=ctx)
-        t0 = time.perf_counter()
-        batch = rollout.sample(prompts=prompts, params=SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens,
-                                                                      temperature=1.0, seed=0),
-                               tools=[], interaction=None)
-        generation = time.perf_counter() - t0
+        params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
+        reserve = decode.reserve
+        decoded: dict[str, list[float]] = {"concatenating": [], "reserved": []}
+        samples = {}
+        for _ in range(args.rounds):
+            for way in decoded:
+                decode.reserve = reserve if way == "reserved" else (lambda cache, room: None)
+                t0 = time.perf_counter()
+                samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
+                decoded[way].append(time.perf_counter() - t0)
+        decode.reserve = reserve
+        batch = samples["reserved"]
+        same_tokens = torch.equal(batch.response_ids, samples["concatenating"].response_ids)
+        old_generation = statistics.median(decoded["concatenating"])
+        generation = statistics.median(decoded["reserved"])
         batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
         algo = instantiate(load("algo", "grpo"), {}, "algo")
         loss = algo.policy_loss()
@@ -101,7 +114,10 @@ def main() -> None:
     padded = {"consecutive": sum(mb.padded_tokens for mb in micro_batches.plan(batch, budget)),
               "by length": sum(mb.padded_tokens for mb in by_length(batch, budget, 128)[1])}
     print(f"batch: {len(batch)} rows, {int(batch.response_mask.sum())} response tokens, {real} real tokens; "
-          f"generation {generation:.1f} s; {args.rounds} alternating rounds, medians")
+          f"{args.rounds} alternating rounds, medians")
+    print(f"generation: KV cache concatenated every step {old_generation:.2f} s, written in place {generation:.2f} s "
+          f"({old_generation / generation:.2f}x; the same tokens: {same_tokens}); the step below "
+          f"{(old_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
     print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")
     for way in ways:
         print(f"| {way} | {med[way]:.2f} | {generation + med[way]:.2f} |")

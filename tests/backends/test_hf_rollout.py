@@ -245,3 +245,28 @@ def test_lean_decoder_matches_transformers_generate(rlcore_context: RunContext, 
         torch.testing.assert_close(lean.rollout_logprobs, plain.rollout_logprobs, atol=1e-5, rtol=0)
         if params.seed == 3:
             assert len(set(lean.attention_mask.sum(1).tolist())) > 3, "rows end at EOS after different lengths"
+
+
+def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
+    """The lean decoder's cache writes each step in place; after every append and row drop its keys and
+    values equal those of transformers' concatenating layer, and it refuses to outgrow its room."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlcore_backends.rollout.hf.decode import ReservedLayer
+
+    gen = torch.Generator().manual_seed(0)
+    dynamic = DynamicLayer()
+    dynamic.update(torch.randn(4, 2, 5, 3, generator=gen), torch.randn(4, 2, 5, 3, generator=gen))
+    reserved = ReservedLayer.of(dynamic, room=3)
+    for step in range(3):
+        if step == 1:
+            keep = torch.tensor([0, 2, 3])
+            dynamic.batch_select_indices(keep)
+            reserved.batch_select_indices(keep)
+        rows = dynamic.keys.shape[0]
+        k, v = torch.randn(rows, 2, 1, 3, generator=gen), torch.randn(rows, 2, 1, 3, generator=gen)
+        want, got = dynamic.update(k, v), reserved.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert reserved.get_seq_length() == dynamic.get_seq_length() == 6 + step
+    with pytest.raises(RuntimeError, match="more positions than reserved"):
+        reserved.update(k, v)
