@@ -158,17 +158,25 @@ def matmul_peak(size: int = 4096, reps: int = 3, budget_s: float = 40.0) -> dict
 
 
 def task_options(spec: dict[str, Any]) -> dict[str, Any]:
-    """The arithmetic task's options: instruct prompts (chat template), single-digit additions."""
+    """The task's options: arithmetic's instruct prompts (chat template, single-digit additions), or GSM8K
+    read from the files `spec["gsm8k"]` names (both splits; the train split gives the prompts)."""
+    if spec.get("task") == "gsm8k":
+        return {"train_path": spec["gsm8k"]["train"], "test_path": spec["gsm8k"]["test"]}
     return {"style": "instruct", "ops": "+", "min_operand": 0, "max_operand": 9}
 
 
-def prompt_schedule(spec: dict[str, Any]) -> list[Any]:
-    """The prompts rlcore's loop draws (its seeded `PromptStream` over the arithmetic train split), in order."""
-    from rlcore.data import PromptStream
-    from rlcore_tasks.arithmetic import Arithmetic
+def make_task(spec: dict[str, Any]) -> Any:
+    """The rlcore task both sides draw prompts from and score with."""
+    from rlcore.plugins import instantiate, load
 
-    task = Arithmetic(Arithmetic.Options(**task_options(spec)))
-    stream = PromptStream(task.dataset("train"), seed=spec["seed"])
+    return instantiate(load("task", spec.get("task", "arithmetic")), task_options(spec), "task")
+
+
+def prompt_schedule(spec: dict[str, Any]) -> list[Any]:
+    """The prompts rlcore's loop draws (its seeded `PromptStream` over the task's train split), in order."""
+    from rlcore.data import PromptStream
+
+    stream = PromptStream(make_task(spec).dataset("train"), seed=spec["seed"])
     return [p for _ in range(spec["warmup"] + spec["steps"]) for p in stream.take(spec["prompts"])]
 
 
@@ -176,7 +184,7 @@ def prompt_schedule(spec: dict[str, Any]) -> list[Any]:
 
 
 def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """rlcore's default stack (grpo, torch backend, hf rollout, arithmetic) through `rlcore.loop.Trainer`;
+    """rlcore's default stack (grpo, torch backend, hf rollout) on the task through `rlcore.loop.Trainer`;
     phase timings come from the run's own `metrics.jsonl`."""
     import torch
 
@@ -189,7 +197,7 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     total = spec["warmup"] + spec["steps"]
     raw = {
         "plugins": {"algo": "grpo", "backend": "torch", "rollout": spec.get("rollout", "hf"),
-                    "task": "arithmetic", "hardware": "cpu"},
+                    "task": spec.get("task", "arithmetic"), "hardware": "cpu"},
         # rlcore's defaults otherwise: `log_mismatch` costs nothing on-policy (the update's forward measures it)
         "trainer": {"model": spec["model_dir"], "steps": total, "seed": spec["seed"],
                     "prompts_per_step": spec["prompts"], "save_every": 0, "eval_every": 0},
@@ -200,6 +208,8 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
                     **spec.get("rlcore_backend", {})},
         "task": task_options(spec),
     }
+    if spec.get("rollout", "hf") == "hf":
+        raw["rollout"] = {"dtype": spec["dtype"]}  # generation in the same precision as the update
     cfg = resolve(raw)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=False)
@@ -284,17 +294,16 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
 
     from rlcore import Prompt
     from rlcore.models import load_tokenizer
-    from rlcore_tasks.arithmetic import Arithmetic
 
     out_dir = work / "trl-run"
     shutil.rmtree(out_dir, ignore_errors=True)
     total = spec["warmup"] + spec["steps"]
     P, G, T = spec["prompts"], spec["group"], spec["tokens"]
-    task = Arithmetic(Arithmetic.Options(**task_options(spec)))
+    task = make_task(spec)
     prompts = prompt_schedule(spec)
     dataset = Dataset.from_list([{"prompt": p.messages, "answer": str(p.answer)} for p in prompts])
 
-    def arithmetic_reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+    def task_reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [task.reward(text, Prompt(messages=[], answer=a))["reward"] for text, a in zip(texts, answer)]
 
@@ -310,7 +319,7 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, loss_type="dapo", epsilon=0.2,
         gradient_checkpointing=False, shuffle_dataset=False, log_completions=False,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     clock = PhaseClock()
     clock.wrap(trainer, "_calculate_rewards", "score")

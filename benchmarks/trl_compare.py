@@ -5,7 +5,7 @@
 
 Same model (a seeded random Qwen2 of ~5M or ~50M parameters with the real Qwen2.5/Qwen3 151k-token BPE
 tokenizer, or SmolLM2-135M-Instruct de-quantised from its GGUF), same prompts (the arithmetic task's
-instruct prompts, in the order rlcore's loop draws them), group size, a fixed completion length
+instruct prompts, or with `--task gsm8k` GSM8K's, in the order rlcore's loop draws them), same reward, group size, a fixed completion length
 (min_new_tokens = max_new_tokens on both sides), learning rate, dtype, no KL (TRL `beta=0.0`), no
 reference model, one optimizer step per generation batch and the same prompts per step.
 
@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _trl_common as common  # noqa: E402
-from _shared_data import SMOLLM2, require  # noqa: E402
+from _shared_data import GSM8K_TEST, SMOLLM2, require  # noqa: E402
 
 HERE = Path(__file__).resolve()
 PHASES = (("generation", "sample"), ("scoring", "score"), ("logprob", "logprob"), ("update", "update"))
@@ -143,7 +143,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
         f"non-embedding; vocab {model['vocab']}, hidden {model['hidden']}, {model['layers']} layers, "
         f"tied embeddings: {model['tied']}) at {model['dir']}")
     prompt_tokens = (rl["update_tokens"] - rl["gen_tokens"]) / (args.prompts * args.group)
-    add(f"workload: {args.prompts} prompts x {args.group} completions x {args.tokens} tokens (fixed length), "
+    add(f"workload: {args.task}, {args.prompts} prompts x {args.group} completions x {args.tokens} tokens (fixed length), "
         f"~{prompt_tokens:.0f} prompt tokens each, lr {args.lr:g}, {args.dtype}, no KL (beta 0), no reference "
         f"model, 1 optimizer step per generation batch")
     add(f"schedule: {args.rounds} rounds, each rlcore then TRL, every run {args.warmup} warm-up + {args.steps} timed "
@@ -215,6 +215,13 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
             f"GFLOP per update = {100 * useful_fp32:.1f}% of fp32 peak")
         results[f"{side}_update_util_bf16"] = util["bf16"]
         results[f"{side}_update_util_fp32"] = util["fp32"]
+        # generation: 2 FLOPs per weight of the decoder layers and of the LM head per generated token
+        per_token = 2 * model["non_embedding_params"] + 2 * model["vocab"] * model["hidden"]
+        rate = per_token * s["gen_tokens"] / s["sample"] if s["sample"] > 0 else float("nan")
+        used = "bf16" if dtype == "bfloat16" else "fp32"
+        add(f"    generation: {per_token / 1e6:.0f} MFLOP per token x {s['gen_tokens']:.0f} tokens in {fmt(s['sample'])} s "
+            f"= {rate / 1e12:.4f} TFLOP/s, {100 * rate / peak[used]:.1f}% of the {used} peak (attention not counted)")
+        results[f"{side}_generation_util"] = rate / peak[used]
     add("")
     ratio = rl["gen_tokens_per_s"] / tr["gen_tokens_per_s"]
     util = results["rlcore_update_util_bf16"]
@@ -260,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (default 8)")
     parser.add_argument("--group", type=int, default=4, help="completions per prompt (default 4)")
     parser.add_argument("--tokens", type=int, default=32, help="completion length, fixed (default 32)")
+    parser.add_argument("--task", choices=("arithmetic", "gsm8k"), default="arithmetic",
+                        help="where the prompts come from: the arithmetic task's instruct prompts, or GSM8K's train "
+                             "split (real prompts of ~100-250 tokens; reads --gsm8k-dir)")
+    parser.add_argument("--gsm8k-dir", default=str(GSM8K_TEST.parent), help="GSM8K's train.jsonl and test.jsonl")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
@@ -288,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     if trl_py is None:
         print("trl is not importable here nor in .venv-trl (see --trl-python); nothing to compare", file=sys.stderr)
         return 2
+    gsm8k = None
+    if args.task == "gsm8k":
+        directory = require(args.gsm8k_dir, "GSM8K (train.jsonl and test.jsonl)", "--gsm8k-dir DIR")
+        gsm8k = {"train": str(directory / "train.jsonl"), "test": str(directory / "test.jsonl")}
     if args.model == "smollm":
         require(SMOLLM2, "SmolLM2-135M-Instruct (GGUF), the model of --model smollm", "--model 5m or 50m")
     work = Path(args.work_dir)
@@ -296,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict[str, Any] = {"model": args.model, "model_dir": str(work / f"model-{args.model}"), "work_dir": str(work),
                             "steps": args.steps, "warmup": args.warmup, "prompts": args.prompts,
                             "group": args.group, "tokens": args.tokens, "lr": args.lr, "seed": args.seed,
-                            "dtype": args.dtype, "rollout": args.rollout,
+                            "dtype": args.dtype, "rollout": args.rollout, "task": args.task, "gsm8k": gsm8k,
                             "peak_budget": args.peak_budget}
     print(f"preparing model {args.model} ...", flush=True)
     model = run_worker(sys.executable, "prepare", spec, logs, "prepare", args.timeout)["model"]
