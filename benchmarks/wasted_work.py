@@ -12,10 +12,14 @@ alternating for `--rounds` rounds (the update on fresh copies of the same starti
   of the whole cache every step, what it did before) against `reserved` (written in place, `ReservedLayer`);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
-  padding costs more than a pass, `micro_batches.by_length`, what they do now).
+  padding costs more than a pass, `micro_batches.by_length`, what they do now);
+- how the update runs a group's shared prompt: `whole rows` (every row's prompt through the model, what it
+  did before) against `in update` (each distinct prompt once, the responses on its cached keys and values,
+  `backend.share_prompts`, what it does now).
 
 Prints the median seconds, the per-step speed-ups (generation included), the padded tokens of each cut and
-the largest difference between the two ways' metrics. Machines are shared and noisy: read the ratios.
+the largest difference between the ways' metrics (the gradient norm: on-policy, the loss's value does not
+depend on the logprobs). Machines are shared and noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -88,15 +92,15 @@ def main() -> None:
         def consecutive(rows: RolloutBatch, budget: int, pass_cost: int) -> tuple[torch.Tensor, list]:
             return torch.arange(len(rows)), micro_batches.plan(rows, budget)
 
-        ways = {"extra pass": (True, by_length), "in update": (False, by_length),
-                "consecutive": (False, consecutive)}
+        ways = {"extra pass": (True, by_length, True), "in update": (False, by_length, True),
+                "consecutive": (False, consecutive, True), "whole rows": (False, by_length, False)}
         times: dict[str, list[float]] = {way: [] for way in ways}
         times["logprobs pass"] = []
         metrics: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
-            for way, (extra_pass, cut) in ways.items():
+            for way, (extra_pass, cut, share) in ways.items():
                 backend.model.load_state_dict(start)
-                micro_batches.by_length = cut
+                micro_batches.by_length, backend.options.share_prompts = cut, share
                 part = copy.copy(batch)
                 t0 = time.perf_counter()
                 if extra_pass:
@@ -127,11 +131,22 @@ def main() -> None:
     print(f"padded tokens: consecutive {padded['consecutive']} ({padded['consecutive'] / real:.2f}x the real ones), "
           f"by length {padded['by length']} ({padded['by length'] / real:.2f}x); update "
           f"{med['consecutive'] / med['in update']:.2f}x, step {step['consecutive'] / step['in update']:.2f}x faster by length")
+    prompt_tokens = int(batch.prompt_mask.sum())
+    print(f"prompts: {prompt_tokens} of the {real} real tokens; the update is "
+          f"{med['whole rows'] / med['in update']:.2f}x, the step {step['whole rows'] / step['in update']:.2f}x "
+          f"faster with each distinct prompt run once; grad_norm relative difference "
+          f"{relative(metrics['whole rows'], metrics['in update'], 'grad_norm'):.1e}")
     mismatch = [k for k in metrics["extra pass"] if k.startswith("mismatch/")]
     print("largest difference of the mismatch metrics, extra pass vs in update: "
           f"{max(abs(metrics['extra pass'][k] - metrics['in update'][k]) for k in mismatch):.2e} "
-          f"(abs_diff_max {metrics['extra pass']['mismatch/abs_diff_max']:.2e}); loss, consecutive vs by length: "
-          f"{abs(metrics['consecutive']['loss'] - metrics['in update']['loss']):.2e}")
+          f"(abs_diff_max {metrics['extra pass']['mismatch/abs_diff_max']:.2e}); grad_norm relative difference, "
+          f"consecutive vs by length: {relative(metrics['consecutive'], metrics['in update'], 'grad_norm'):.1e}")
+
+
+def relative(a: dict[str, float], b: dict[str, float], key: str) -> float:
+    """|a - b| / |b| of metric `key` (on-policy the loss itself is the same whatever the logprobs)."""
+    return abs(a[key] - b[key]) / abs(b[key])
+
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rlcore_backends.common.logprobs import (head_logprobs, plain_head, response_logits, response_logprobs, token_entropy,
-                                      token_logprobs)
+from rlcore_backends.common.logprobs import (head_logprobs, plain_head, response_logits, response_logprobs,
+                                             shared_prompt_hidden, token_entropy, token_logprobs)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -72,6 +72,54 @@ def test_response_logprobs_fast_path_matches_the_logits_path(entropy_grad: bool)
     torch.testing.assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-5)
     for name, grad in slow[2].items():
         torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def grouped_rows(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts (one left-padded) three times each, rows interleaved, responses of `width` right-padded."""
+    torch.manual_seed(1)
+    prompts = torch.randint(0, 97, (2, 6))
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :2] = 0
+    rows = torch.tensor([0, 1, 0, 0, 1, 1])
+    response = torch.randint(0, 97, (6, width))
+    response_mask = torch.ones_like(response)
+    response_mask[2, width // 2:] = 0
+    response_mask[5, -1:] = 0
+    return torch.cat([prompts[rows], response], 1), torch.cat([prompt_mask[rows], response_mask], 1)
+
+
+@pytest.mark.parametrize("width", [5, 1])
+def test_shared_prompts_equal_whole_rows_values_and_gradients(width: int) -> None:
+    model = tiny_qwen2()
+    ids, mask = grouped_rows(width)
+    calls = []
+    model.model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+
+    def run(share: bool):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        lp, ent = response_logprobs(model, ids, mask, ids[:, -width:], 0.9, entropy_grad=True, share_prompts=share)
+        ((lp * mask[:, -width:]).sum() + (ent * mask[:, -width:]).sum()).backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls)
+
+    shared, whole = run(True), run(False)
+    real = mask[:, -width:].bool()
+    torch.testing.assert_close(shared[0][real], whole[0][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1][real], whole[1][real], atol=1e-5, rtol=1e-5)
+    for name, grad in whole[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the two distinct prompts ran once each, then the responses on their cache (no response pass for width 1)
+    assert shared[3] == [torch.Size([2, 6])] + ([torch.Size([6, width - 1])] if width > 1 else [])
+    assert whole[3] == [torch.Size([6, 6 + width])]
+
+
+def test_prompts_run_whole_when_none_repeats_or_the_cache_cannot_keep_gradients() -> None:
+    model = tiny_qwen2()
+    ids, mask = grouped_rows(4)
+    assert shared_prompt_hidden(model.model, ids[:2], mask[:2], 4) is None  # two different prompts
+    assert shared_prompt_hidden(model.model, ids, mask, 4) is not None
+    model.gradient_checkpointing_enable()
+    assert shared_prompt_hidden(model.model, ids, mask, 4) is None
 
 
 def test_autocast_and_unknown_models_take_the_logits_path() -> None:

@@ -189,12 +189,13 @@ def plain_head(model: Any) -> torch.nn.Linear | None:
 
 def response_logprobs(model: Any, ids: Tensor, mask: Tensor, response_ids: Tensor, temperature: float,
                       multimodal: list[dict[str, Tensor]] | None = None, entropy_grad: bool = False,
-                      keep_logits_mib: float = 0) -> tuple[Tensor, Tensor]:
+                      keep_logits_mib: float = 0, share_prompts: bool = True) -> tuple[Tensor, Tensor]:
     """Float32 (logprobs, entropy) [b, r] of `response_ids` (the last r columns of `ids`) under logits / temperature.
 
     For a plain text model (`plain_head`) the decoder's hidden states go through the LM head in chunks
     (`head_logprobs`, which keeps them for the backward when they fit in `keep_logits_mib`). Otherwise
-    `response_logits`. The entropy carries a gradient only with `entropy_grad`.
+    `response_logits`. The entropy carries a gradient only with `entropy_grad`. With `share_prompts`, rows
+    that repeat a prompt (a group's n samples) run it through the decoder once (`shared_prompt_hidden`).
     """
     head = None if multimodal else plain_head(model)
     width = response_ids.shape[1]
@@ -203,8 +204,41 @@ def response_logprobs(model: Any, ids: Tensor, mask: Tensor, response_ids: Tenso
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = token_entropy(logits)
         return token_logprobs(logits, response_ids), entropy
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                 use_cache=False).last_hidden_state[:, -width - 1:-1]
+    decoder = model.get_decoder()
+    hidden = shared_prompt_hidden(decoder, ids, mask, width) if share_prompts else None
+    if hidden is None:
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                         use_cache=False).last_hidden_state[:, -width - 1:-1]
     logprobs, entropy = head_logprobs(hidden, head, response_ids, temperature, keep_logits_mib=keep_logits_mib)
     return logprobs, entropy if entropy_grad else entropy.detach()
 
+
+def shared_prompt_hidden(decoder: Any, ids: Tensor, mask: Tensor, width: int) -> Tensor | None:
+    """The decoder's hidden states [b, width, H] at the positions that predict the last `width` ids, with
+    each distinct prompt (the first P - width columns of `ids` and `mask`) run once: its keys and values are
+    cached, indexed out to every row that repeats it, and the responses run on top. The gradient of every
+    row flows back into the one prompt pass. None when no prompt repeats or the decoder cannot keep a
+    cache with gradients (gradient checkpointing drops it); the caller then runs the rows whole.
+
+    The same sums as one pass over each whole row, in another order: equal to float32 rounding."""
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = ids[:, :-width], mask[:, :-width]
+    if prompt_ids.shape[1] == 0 or getattr(decoder, "gradient_checkpointing", False):
+        return None
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(ids):
+        return None
+    first = torch.empty(len(distinct), dtype=torch.long, device=ids.device).scatter_(
+        0, inverse, torch.arange(len(ids), device=ids.device))
+    positions = position_ids(mask)
+    cache = DynamicCache(config=decoder.config)
+    last = decoder(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
+                   position_ids=positions[first, :-width], past_key_values=cache,
+                   use_cache=True).last_hidden_state[:, -1:][inverse]
+    if width == 1:
+        return last
+    cache.batch_select_indices(inverse)
+    rest = decoder(input_ids=ids[:, -width:-1], attention_mask=mask[:, :-1], position_ids=positions[:, -width:-1],
+                   past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([last, rest], dim=1)

@@ -14,18 +14,19 @@ from rlcore_backends.common.logprobs import response_logprobs
 
 
 def loss_pass(model: Any, part: RolloutBatch, loss: PolicyLoss, norm: LossNorm, autocast: torch.autocast,
-              keep_logits_mib: float = 0, mismatch: bool = False) -> tuple[Tensor, dict[str, float]]:
+              keep_logits_mib: float = 0, mismatch: bool = False, share_prompts: bool = True
+              ) -> tuple[Tensor, dict[str, float]]:
     """Forward a micro-batch (already trimmed and on the model's device) and apply the loss.
 
     Returns the loss (with grad, for the caller's `backward`) and the micro-batch's share of the metrics
     (fold them with `rlcore.metrics.combine`): `loss`, `entropy` (token mean over the mini-batch), the
     loss's own metrics and, with `mismatch` (an update of one optimizer step), the rollout-vs-trainer
-    mismatch (`on_policy_mismatch`). `keep_logits_mib`: see `TrainOptions.keep_logits_mib`.
+    mismatch (`on_policy_mismatch`). `keep_logits_mib` and `share_prompts`: see `TrainOptions`.
     """
     with autocast:
         logprobs, entropy = response_logprobs(model, *part.sequences(), part.response_ids, part.temperature,
                                               part.multimodal, entropy_grad=loss.needs_entropy,
-                                              keep_logits_mib=keep_logits_mib)
+                                              keep_logits_mib=keep_logits_mib, share_prompts=share_prompts)
     inputs = LossInputs(
         logprobs=logprobs, advantages=part.advantages, mask=part.response_mask,
         old_logprobs=part.old_logprobs, rollout_logprobs=part.rollout_logprobs, ref_logprobs=part.ref_logprobs,
@@ -48,10 +49,11 @@ def on_policy_mismatch(logprobs: Tensor, part: RolloutBatch, norm: LossNorm) -> 
     return mismatch_parts(logprobs, part.rollout_logprobs, part.response_mask, norm.tokens)
 
 
-def logprobs_pass(model: Any, part: RolloutBatch, autocast: torch.autocast) -> Tensor:
+def logprobs_pass(model: Any, part: RolloutBatch, autocast: torch.autocast, share_prompts: bool = True) -> Tensor:
     """No-grad logprobs [b, r] of a micro-batch's response tokens (already trimmed and on the model's device)."""
     with torch.no_grad(), autocast:
-        return response_logprobs(model, *part.sequences(), part.response_ids, part.temperature, part.multimodal)[0]
+        return response_logprobs(model, *part.sequences(), part.response_ids, part.temperature, part.multimodal,
+                                 share_prompts=share_prompts)[0]
 
 
 def non_finite_error(loss: float, grad_norm: float, step: int, lr: float) -> TrainingError:

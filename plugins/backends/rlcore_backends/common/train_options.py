@@ -75,7 +75,7 @@ class OptimizerOptions:
 class TrainOptions(OptimizerOptions):
     """The optimizer options plus what the transformers-model trainers (torch, fsdp, lora) add."""
 
-    RESUMABLE = (*OptimizerOptions.RESUMABLE, "gradient_checkpointing", "keep_logits_mib")
+    RESUMABLE = (*OptimizerOptions.RESUMABLE, "gradient_checkpointing", "keep_logits_mib", "share_prompts")
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
@@ -83,6 +83,11 @@ class TrainOptions(OptimizerOptions):
     """Float32 LM-head logits of a micro-batch's response tokens that the backward may take from the forward
     instead of recomputing them (a quarter of the LM head's FLOPs); larger micro-batches, and 0, recompute.
     Applies where the LM head runs tiled (a plain Qwen2/Qwen3/Llama/Mistral model on the torch backend)."""
+    share_prompts: bool = True
+    """Run a prompt that several rows of a micro-batch repeat (a group's n samples) through the model once and
+    the responses on its cached keys and values, gradients included: the same loss to float32 rounding, with
+    (n - 1) / n of the prompt tokens' work saved. Applies where `keep_logits_mib` does, without gradient
+    checkpointing."""
 
 
 @attrs.frozen

@@ -61,7 +61,8 @@ class TorchBackend:
         with self._scoring_model(reference) as model:
             for mb in passes:
                 part = micro_batches.take(rows, mb).to(self.device)
-                out[order[mb.start:mb.stop], :mb.response_width] = logprobs_pass(model, part, self._autocast()).cpu()
+                out[order[mb.start:mb.stop], :mb.response_width] = logprobs_pass(
+                    model, part, self._autocast(), self.options.share_prompts).cpu()
         return out.masked_fill(batch.attention_mask.cpu() == 0, 0.0).to(batch.response_ids.device)
 
     @hookimpl
@@ -147,7 +148,8 @@ class TorchBackend:
         rows = mini.select(order)  # the loss sums over micro-batches, so their order does not matter
         for mb in passes:
             value, part_metrics = loss_pass(self.model, micro_batches.take(rows, mb).to(self.device), loss, norm,
-                                            self._autocast(), self.options.keep_logits_mib, mismatch)
+                                            self._autocast(), self.options.keep_logits_mib, mismatch,
+                                            self.options.share_prompts)
             value.backward()
             combine(metrics, part_metrics)
         max_norm = self.options.max_grad_norm or math.inf
