@@ -1,5 +1,5 @@
 """A run that cannot learn stops with one line: non-finite rewards, a reward function that always raises,
-prompts longer than the model's context."""
+prompts longer than the model's context; one that learns from another policy than it scores is warned."""
 
 import json
 
@@ -97,3 +97,16 @@ def test_a_generated_dataset_is_checked_as_prompts_are_drawn(tmp_path):
             "--set", "sampling.max_new_tokens=4050")
     assert r.exit_code == 2, r.output
     assert "Error: step 1, train split: prompt 'train-" in r.output and "exceeds the model's context" in r.output
+
+
+def test_a_rollout_in_another_precision_without_importance_correction_is_warned_about(tmp_path, caplog):
+    """The rollout samples from another policy than the trainer scores, measured, and the loss could correct
+    for it: one warning naming the gap and the fix."""
+    def warned(*args):
+        caplog.clear()
+        assert run("--steps", 1, *SMALL, *args).exit_code == 0
+        return "differ from the trainer's by" in caplog.text and "set algo.tis_cap=2" in caplog.text
+
+    assert not warned("--run-dir", tmp_path / "same")  # float32 on both sides: ~1e-7 nats
+    assert warned("--run-dir", tmp_path / "bf16", "--set", "rollout.dtype=bfloat16")
+    assert not warned("--run-dir", tmp_path / "tis", "--set", "rollout.dtype=bfloat16", "--set", "algo.tis_cap=2")
