@@ -183,6 +183,11 @@ def prompt_schedule(spec: dict[str, Any]) -> list[Any]:
 # ---- rlcore --------------------------------------------------------------------------------------
 
 
+def rlcore_dtype(spec: dict[str, Any]) -> str:
+    """rlcore's dtype: `--rlcore-dtype` where given, else the one both sides share."""
+    return spec.get("rlcore_dtype") or spec["dtype"]
+
+
 def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """rlcore's default stack (grpo, torch backend, hf rollout) on the task through `rlcore.loop.Trainer`;
     phase timings come from the run's own `metrics.jsonl`."""
@@ -204,12 +209,12 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         # min_new_tokens = max_new_tokens: a fixed completion length, as TRL's generation_kwargs below
         "sampling": {"n": spec["group"], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": spec["tokens"],
                      "min_new_tokens": spec["tokens"]},
-        "backend": {"lr": spec["lr"], "dtype": spec["dtype"], "max_grad_norm": 1.0, "weight_decay": 0.0,
+        "backend": {"lr": spec["lr"], "dtype": rlcore_dtype(spec), "max_grad_norm": 1.0, "weight_decay": 0.0,
                     **spec.get("rlcore_backend", {})},
         "task": task_options(spec),
     }
     if spec.get("rollout", "hf") == "hf":
-        raw["rollout"] = {"dtype": spec["dtype"]}  # generation in the same precision as the update
+        raw["rollout"] = {"dtype": rlcore_dtype(spec)}  # generation in the same precision as the update
     cfg = resolve(raw)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=False)

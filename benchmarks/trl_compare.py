@@ -144,8 +144,8 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
         f"tied embeddings: {model['tied']}) at {model['dir']}")
     prompt_tokens = (rl["update_tokens"] - rl["gen_tokens"]) / (args.prompts * args.group)
     add(f"workload: {args.task}, {args.prompts} prompts x {args.group} completions x {args.tokens} tokens (fixed length), "
-        f"~{prompt_tokens:.0f} prompt tokens each, lr {args.lr:g}, {args.dtype}, no KL (beta 0), no reference "
-        f"model, 1 optimizer step per generation batch")
+        f"~{prompt_tokens:.0f} prompt tokens each, lr {args.lr:g}, rlcore {args.rlcore_dtype or args.dtype}, "
+        f"TRL {args.dtype}, no KL (beta 0), no reference model, 1 optimizer step per generation batch")
     add(f"schedule: {args.rounds} rounds, each rlcore then TRL, every run {args.warmup} warm-up + {args.steps} timed "
         f"steps in its own process (rlcore {rl['timed_steps']}, TRL {tr['timed_steps']} timed steps)")
     rv, tv = rl_runs[0]["versions"], tr_runs[0]["versions"]
@@ -218,7 +218,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
         # generation: 2 FLOPs per weight of the decoder layers and of the LM head per generated token
         per_token = 2 * model["non_embedding_params"] + 2 * model["vocab"] * model["hidden"]
         rate = per_token * s["gen_tokens"] / s["sample"] if s["sample"] > 0 else float("nan")
-        used = "bf16" if dtype == "bfloat16" else "fp32"
+        used = "bf16" if dtype.startswith("bfloat16") else "fp32"  # bfloat16_matched: bf16 matmuls
         add(f"    generation: {per_token / 1e6:.0f} MFLOP per token x {s['gen_tokens']:.0f} tokens in {fmt(s['sample'])} s "
             f"= {rate / 1e12:.4f} TFLOP/s, {100 * rate / peak[used]:.1f}% of the {used} peak (attention not counted)")
         results[f"{side}_generation_util"] = rate / peak[used]
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                              "rlcore-backends[vllm]; TRL still generates with transformers)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (rlcore backend.dtype; TRL bf16)")
+    parser.add_argument("--rlcore-dtype", choices=("float32", "bfloat16", "bfloat16_matched"), default=None,
+                        help="rlcore's dtype (backend and hf rollout) where it differs from TRL's --dtype")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "rlcore_trl_compare"),
                         help="models (reused across runs), run directories and worker logs")
     parser.add_argument("--trl-python", default=None, help="interpreter with trl 1.16 and rlcore installed")
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict[str, Any] = {"model": args.model, "model_dir": str(work / f"model-{args.model}"), "work_dir": str(work),
                             "steps": args.steps, "warmup": args.warmup, "prompts": args.prompts,
                             "group": args.group, "tokens": args.tokens, "lr": args.lr, "seed": args.seed,
-                            "dtype": args.dtype, "rollout": args.rollout, "task": args.task, "gsm8k": gsm8k,
+                            "dtype": args.dtype, "rlcore_dtype": args.rlcore_dtype, "rollout": args.rollout,
+                            "task": args.task, "gsm8k": gsm8k,
                             "peak_budget": args.peak_budget}
     print(f"preparing model {args.model} ...", flush=True)
     model = run_worker(sys.executable, "prepare", spec, logs, "prepare", args.timeout)["model"]
