@@ -4,6 +4,7 @@ checkout (`../shared/data`, see its README) unless a command-line option names a
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,3 +25,18 @@ def require(path: Path | str, what: str, option: str) -> Path:
         sys.exit(f"{what} is missing: {path} does not exist (the data store ../shared/data is not part of the "
                  f"repository). Pass {option}.")
     return path
+
+
+def smollm_gsm8k_batch_args(description: str, rounds: int) -> tuple[argparse.Namespace, Path, Path]:
+    """The command line of a benchmark that samples a GSM8K batch with SmolLM2 (`--model`, `--gsm8k`,
+    `--prompts`, `--n`, `--max-new-tokens`, `--rounds`): the arguments, the model path and the data path."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=str(SMOLLM2), help="a GGUF file or a transformers model directory")
+    parser.add_argument("--gsm8k", default=str(GSM8K_TEST), help="GSM8K's test split (jsonl)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    return (args, require(args.model, "SmolLM2-135M-Instruct", "--model PATH"),
+            require(args.gsm8k, "GSM8K's test split", "--gsm8k PATH"))

@@ -24,7 +24,6 @@ depend on the logprobs). Machines are shared and noisy: read the ratios.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402 - after the thread environment is set
 
-from _shared_data import GSM8K_TEST, SMOLLM2, require  # noqa: E402
+from _shared_data import smollm_gsm8k_batch_args  # noqa: E402
 from rlcore import RolloutBatch, SamplingParams, UpdatePlan  # noqa: E402
 from rlcore.metrics import finish_mismatch, logprob_mismatch  # noqa: E402
 from rlcore.plugins import instantiate, load  # noqa: E402
@@ -49,16 +48,7 @@ from rlcore_backends.rollout.hf import decode  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(SMOLLM2), help="a GGUF file or a transformers model directory")
-    parser.add_argument("--gsm8k", default=str(GSM8K_TEST), help="GSM8K's test split (jsonl)")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    model = require(args.model, "SmolLM2-135M-Instruct", "--model PATH")
-    data = require(args.gsm8k, "GSM8K's test split", "--gsm8k PATH")
+    args, model, data = smollm_gsm8k_batch_args(__doc__.splitlines()[0], rounds=3)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = make_context(Path(tmp), Path(model))

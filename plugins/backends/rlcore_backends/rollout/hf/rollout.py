@@ -23,9 +23,10 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weights, hookimpl
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
-from rlcore.errors import RLCoreError
+from rlcore.errors import ConfigError, RLCoreError
 from rlcore.models import load_model
 from rlcore_backends.common.dtypes import DTYPES
+from rlcore_backends.common.matched import match
 from rlcore_backends.rollout.engine import Completion, TurnOptions, pad, run_turns, stop_token_ids
 from rlcore_backends.rollout.hf.decode import Sampler, StopCriteria, StopStrings, decode
 from rlcore_backends.common.logprobs import plain_head
@@ -96,9 +97,11 @@ class HFRollout:
 
     @attrs.define
     class Options(TurnOptions):
-        dtype: Literal["float32", "bfloat16"] = attrs.field(
-            default="float32", validator=check_choice("float32", "bfloat16"))
-        """Weights and compute dtype of the rollout model (bfloat16 is ~2x faster on AMX CPUs, less exact)."""
+        dtype: Literal["float32", "bfloat16", "bfloat16_matched"] = attrs.field(
+            default="float32", validator=check_choice("float32", "bfloat16", "bfloat16_matched"))
+        """Weights and compute dtype of the rollout model (bfloat16 is ~2x faster on AMX CPUs, less exact);
+        bfloat16_matched: float32 weights, bfloat16 matmuls computing the bits the torch backend computes
+        in its bfloat16_matched (README: "Precision")."""
         max_rows_per_generate: int = attrs.field(default=512, validator=check_range(1))
         """Sequences decoded together (prompts times n); bounds the memory of the KV cache and logits."""
         decoder: Literal["lean", "generate"] = attrs.field(default="lean", validator=check_choice("lean", "generate"))
@@ -118,7 +121,14 @@ class HFRollout:
     def setup(self, ctx: RunContext) -> None:
         """Load the model on the hardware's device and replace its generation defaults by a neutral config."""
         self.device = ctx.hardware.device()
-        self.model = load_model(ctx.model, DTYPES[self.options.dtype], self.device).eval().requires_grad_(False)
+        matched = self.options.dtype == "bfloat16_matched"
+        self.model = load_model(ctx.model, torch.float32 if matched else DTYPES[self.options.dtype], self.device)
+        self.model.eval().requires_grad_(False)
+        if matched:
+            try:
+                match(self.model)
+            except ValueError as e:
+                raise ConfigError(f"rollout.dtype=bfloat16_matched: {e}; use float32 here") from None
         self.tokenizer, self.spec_path = ctx.model.tokenizer, ctx.model.path
         eos_ids = stop_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=self.tokenizer.pad_token_id)

@@ -1,6 +1,7 @@
 """Single-process PyTorch update backend: AdamW with an LR schedule, gradient clipping, length-bucketed micro-batches.
 
-The policy's master weights stay float32; `dtype: bfloat16` runs forward passes under autocast. The
+The policy's master weights stay float32; `dtype: bfloat16` runs forward passes under autocast,
+`bfloat16_matched` through `common.matched` (bf16 matmuls that compute the hf rollout's bits). The
 reference model (a frozen copy of the starting policy) is loaded on the first reference `logprobs` call,
 so algorithms without KL never pay for it.
 """
@@ -12,26 +13,43 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import attrs
 import torch
 from torch import Tensor
 
 from rlcore import LossNorm, PolicyLoss, RolloutBatch, UpdatePlan, Weights, hookimpl
+from rlcore.config import check_choice
 from rlcore.context import RunContext
+from rlcore.errors import ConfigError
 from rlcore.metrics import combine, mean_over_steps
 from rlcore.models import load_model
 from rlcore_backends.common import micro_batches
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
+from rlcore_backends.common.matched import match
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
 from rlcore_backends.common.train_options import (TrainOptions, apply_lr, autocast, build_optimizer,
                                                    enable_gradient_checkpointing, with_run_length)
 from rlcore_backends.common.weights import load_saved_weights
 
+
+@attrs.define
+class TorchOptions(TrainOptions):
+    """The trainer options, with the torch backend's own precision."""
+
+    dtype: Literal["float32", "bfloat16", "bfloat16_matched"] = attrs.field(
+        default="float32", validator=check_choice("float32", "bfloat16", "bfloat16_matched"))
+    """Compute dtype (weights and optimizer stay float32): bfloat16 runs forward passes under autocast;
+    bfloat16_matched runs the decoder's matmuls in bfloat16 chunks that give each row the same bits however
+    many rows a pass holds, attention in float64 and the rest in float32, so with the hf rollout in
+    bfloat16_matched too both sides compute the same logprobs (README: "Precision")."""
+
+
 class TorchBackend:
     """Trains the policy in this process with plain PyTorch on the hardware plugin's device."""
 
-    Options = TrainOptions
+    Options = TorchOptions
 
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
@@ -114,16 +132,26 @@ class TorchBackend:
 
     def _load_policy(self, ctx: RunContext) -> Any:
         """The trainable policy on this backend's device."""
-        model = load_model(ctx.model, torch.float32, self.device)
+        model = self._precision(load_model(ctx.model, torch.float32, self.device))
         if self.options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        return model
+
+    def _precision(self, model: Any) -> Any:
+        """`model` made to compute in `dtype: bfloat16_matched` where that is the dtype, else as it is."""
+        if self.options.dtype == "bfloat16_matched":
+            try:
+                match(model)
+            except ValueError as e:
+                raise ConfigError(f"backend.dtype=bfloat16_matched: {e}; use float32 here") from None
         return model
 
     @contextlib.contextmanager
     def _scoring_model(self, reference: bool) -> Iterator[Any]:
         """The policy, or the frozen reference policy (loaded on first use), in eval mode."""
         if reference and self.reference is None:
-            self.reference = load_model(self.spec, torch.float32, self.device).eval().requires_grad_(False)
+            self.reference = self._precision(load_model(self.spec, torch.float32, self.device))
+            self.reference.eval().requires_grad_(False)
         yield self.reference if reference else self.model.eval()
 
     def _save_trainer(self, directory: Path) -> None:
