@@ -26,6 +26,18 @@ def chunked_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return sum(p.float() for p in parts) + bias
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Qwen2 with an MLP inner dimension of 1536 (SmolLM2's), 4 layers: enough for bf16 noise to grow."""
+    return build_tiny_model(tmp_path_factory.mktemp("matched") / "model", hidden=384, layers=4, heads=6)
+
+
+def build_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
 def test_matched_linear_runs_bf16_chunks_summed_in_fp32_and_trains_the_fp32_weight() -> None:
     torch.manual_seed(0)
     layer = MatchedLinear(300, 20)
@@ -74,12 +86,6 @@ def test_the_chosen_chunk_gives_each_row_its_bits_however_many_rows_a_call_holds
                 assert torch.equal(layer(rows[:n])[:40], alone[:n]), (inner, outer, chunk, n)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random Qwen2 with an MLP inner dimension of 1536 (SmolLM2's), 4 layers: enough for bf16 noise to grow."""
-    return build_tiny_model(tmp_path_factory.mktemp("matched") / "model", hidden=384, layers=4, heads=6)
-
-
 def sample(tmp_path: Path, model_dir: Path, dtype: str) -> RolloutBatch:
     rollout = HFRollout(HFRollout.Options(dtype=dtype))
     rollout.setup(ctx=make_context(tmp_path, model_dir))
@@ -109,12 +115,6 @@ def test_rollout_and_trainer_agree_in_bfloat16_matched_as_in_float32(tmp_path: P
     # and plain bfloat16 on both sides does not agree (what `matched` is for)
     plain = sample(tmp_path, model_dir, "bfloat16")
     assert gap(tmp_path, model_dir, plain, "bfloat16") > 1e-4
-
-
-def build_model(model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def test_matched_model_decodes_what_its_full_forward_computes(model_dir: Path) -> None:

@@ -16,6 +16,15 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows that repeat one (ids, mask) row, found once: the first row of each distinct one (in `torch.unique`'s
+    order) and, for every row, the index of its distinct row."""
+    distinct, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+    first = torch.empty(len(distinct), dtype=torch.long, device=ids.device).scatter_(
+        0, inverse, torch.arange(len(ids), device=ids.device))
+    return first, inverse
+
+
 def response_logits(model: Any, ids: Tensor, mask: Tensor, response_width: int, temperature: float,
                     multimodal: list[dict[str, Tensor]] | None = None) -> Tensor:
     """Float32 logits / temperature [b, r, V] at the positions that predict the last `response_width` ids.
@@ -226,11 +235,9 @@ def shared_prompt_hidden(decoder: Any, ids: Tensor, mask: Tensor, width: int) ->
     prompt_ids, prompt_mask = ids[:, :-width], mask[:, :-width]
     if prompt_ids.shape[1] == 0 or getattr(decoder, "gradient_checkpointing", False):
         return None
-    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == len(ids):
+    first, inverse = distinct_rows(prompt_ids, prompt_mask)
+    if len(first) == len(ids):
         return None
-    first = torch.empty(len(distinct), dtype=torch.long, device=ids.device).scatter_(
-        0, inverse, torch.arange(len(ids), device=ids.device))
     positions = position_ids(mask)
     cache = DynamicCache(config=decoder.config)
     last = decoder(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],

@@ -18,7 +18,7 @@ from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
 from rlcore_backends.rollout.engine import Completion
-from rlcore_backends.common.logprobs import position_ids
+from rlcore_backends.common.logprobs import distinct_rows, position_ids
 
 
 class Sampler(LogitsProcessor):
@@ -209,9 +209,7 @@ def decode(model: Any, head: torch.nn.Linear, input_ids: Tensor, mask: Tensor, s
     rows = input_ids.shape[0]
     decoder = model.get_decoder()
     cache = DynamicCache(config=model.config)
-    distinct, inverse = torch.unique(torch.cat([input_ids, mask], dim=1), dim=0, return_inverse=True)
-    first = torch.empty(len(distinct), dtype=torch.long, device=inverse.device).scatter_(
-        0, inverse, torch.arange(rows, device=inverse.device))
+    first, inverse = distinct_rows(input_ids, mask)
     positions = position_ids(mask)
     hidden = decoder(input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first],
                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
