@@ -193,8 +193,10 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     phase timings come from the run's own `metrics.jsonl`."""
     import torch
 
+    from rlcore import preflight
     from rlcore.loop import Trainer
     from rlcore.metrics import MetricsLog
+    from rlcore.models import read_config
     from rlcore.run_config import resolve
 
     run_dir = work / "rlcore-run"
@@ -215,7 +217,7 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     }
     if spec.get("rollout", "hf") == "hf":
         raw["rollout"] = {"dtype": rlcore_dtype(spec)}  # generation in the same precision as the update
-    cfg = resolve(raw)
+    cfg = preflight.settle(resolve(raw), read_config(spec["model_dir"]))  # `auto` as `rlcore run` settles it
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=False)
     trainer.setup()

@@ -6,7 +6,8 @@ generate a batch, score it with the trainer (a no-grad logprob pass) and take on
 starting weights. Prints the median seconds of each phase over `--rounds` alternating rounds, the speed-ups
 against float32, the fp32 and bf16 matmul peaks measured first (`update_speed.matmul_peak`), and the
 rollout-vs-trainer logprob gap over the response tokens (mean and max |difference|, nats per token) and the
-importance weights it implies. Machines are shared and noisy: read the ratios.
+importance weights it implies, and what `dtype: auto` chooses on this machine and why. Machines are shared
+and noisy: read the ratios.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/precision.py --rounds 2
 """
@@ -30,12 +31,17 @@ import torch  # noqa: E402 - after the thread environment is set
 from _shared_data import smollm_gsm8k_batch_args  # noqa: E402
 from rlcore import PolicyLoss, Prompt, SamplingParams, UpdatePlan  # noqa: E402
 from rlcore.context import RunContext  # noqa: E402
+from rlcore.models import read_config  # noqa: E402
 from rlcore.plugins import instantiate, load  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
+from rlcore_backends.common.auto_dtype import choose, config_counts  # noqa: E402
 from update_speed import matmul_peak  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "bfloat16_matched")
 PHASES = ("generation", "logprobs", "update")
+AUTO_PAIR = {"plugins": {"backend": "torch", "rollout": "hf"}, "backend": {"dtype": "auto"},
+             "rollout": {"dtype": "auto"}}
+"""The default run's pair, for which `dtype: auto` is printed."""
 
 
 def main() -> None:
@@ -43,6 +49,8 @@ def main() -> None:
     peaks = {dtype: matmul_peak(dtype, budget_s=10)[0] / 1e12 for dtype in (torch.float32, torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}, matmul peak fp32 {peaks[torch.float32]:.3f} TFLOP/s, "
           f"bf16 {peaks[torch.bfloat16]:.3f} TFLOP/s ({peaks[torch.bfloat16] / peaks[torch.float32]:.2f}x)")
+    auto = choose(AUTO_PAIR, "backend", lambda: config_counts(read_config(str(model))))
+    print(f"dtype auto (the default) chooses {auto.dtype} on this machine: {auto.reason}")
     times = {dtype: {phase: [] for phase in PHASES} for dtype in DTYPES}
     gaps: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                              "rlcore-backends[vllm]; TRL still generates with transformers)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (rlcore backend.dtype; TRL bf16)")
-    parser.add_argument("--rlcore-dtype", choices=("float32", "bfloat16", "bfloat16_matched"), default=None,
-                        help="rlcore's dtype (backend and hf rollout) where it differs from TRL's --dtype")
+    parser.add_argument("--rlcore-dtype", choices=("auto", "float32", "bfloat16", "bfloat16_matched"), default=None,
+                        help="rlcore's dtype (backend and hf rollout) where it differs from TRL's --dtype; auto: "
+                             "rlcore's default, the measured choice")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "rlcore_trl_compare"),
                         help="models (reused across runs), run directories and worker logs")
     parser.add_argument("--trl-python", default=None, help="interpreter with trl 1.16 and rlcore installed")

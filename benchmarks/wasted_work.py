@@ -10,6 +10,8 @@ alternating for `--rounds` rounds (the update on fresh copies of the same starti
   update, what the loop did until the update measured it) against `in update` (the update alone);
 - how the hf rollout's decode loop keeps its KV cache: `concatenating` (transformers' `DynamicLayer`, a copy
   of the whole cache every step, what it did before) against `reserved` (written in place, `ReservedLayer`);
+- how a decode step runs the decoder's `Linear` layers: `x @ W.T` (`Linear`'s own GEMM, what it did before)
+  against W @ x.T (`decode.skinny_linears`, what it does now);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
   padding costs more than a pass, `micro_batches.by_length`, what they do now);
@@ -57,19 +59,22 @@ def main() -> None:
         rollout = instantiate(load("rollout", "hf"), {}, "rollout")
         rollout.setup(ctx=ctx)
         params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-        reserve = decode.reserve
-        decoded: dict[str, list[float]] = {"concatenating": [], "reserved": []}
+        reserve, skinny = decode.reserve, decode.SKINNY_ROWS
+        generation_ways = {"concatenating": (False, skinny), "x @ W.T": (True, 0), "reserved": (True, skinny)}
+        decoded: dict[str, list[float]] = {way: [] for way in generation_ways}
         samples = {}
         for _ in range(args.rounds):
-            for way in decoded:
-                decode.reserve = reserve if way == "reserved" else (lambda cache, room: None)
+            for way, (in_place, skinny_rows) in generation_ways.items():
+                decode.reserve = reserve if in_place else (lambda cache, room: None)
+                decode.SKINNY_ROWS = skinny_rows
                 t0 = time.perf_counter()
                 samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
                 decoded[way].append(time.perf_counter() - t0)
-        decode.reserve = reserve
+        decode.reserve, decode.SKINNY_ROWS = reserve, skinny
         batch = samples["reserved"]
-        same_tokens = torch.equal(batch.response_ids, samples["concatenating"].response_ids)
+        same_tokens = {way: torch.equal(batch.response_ids, samples[way].response_ids) for way in generation_ways}
         old_generation = statistics.median(decoded["concatenating"])
+        linear_generation = statistics.median(decoded["x @ W.T"])
         generation = statistics.median(decoded["reserved"])
         batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
         algo = instantiate(load("algo", "grpo"), {}, "algo")
@@ -110,8 +115,12 @@ def main() -> None:
     print(f"batch: {len(batch)} rows, {int(batch.response_mask.sum())} response tokens, {real} real tokens; "
           f"{args.rounds} alternating rounds, medians")
     print(f"generation: KV cache concatenated every step {old_generation:.2f} s, written in place {generation:.2f} s "
-          f"({old_generation / generation:.2f}x; the same tokens: {same_tokens}); the step below "
+          f"({old_generation / generation:.2f}x; the same tokens: {same_tokens['concatenating']}); the step below "
           f"{(old_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
+    print(f"generation: decode steps' Linear layers as x @ W.T {linear_generation:.2f} s, as W @ x.T "
+          f"({decode.SKINNY_ROWS} rows or fewer) {generation:.2f} s ({linear_generation / generation:.2f}x; the same "
+          f"tokens: {same_tokens['x @ W.T']}); the step below "
+          f"{(linear_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
     print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")
     for way in ways:
         print(f"| {way} | {med[way]:.2f} | {generation + med[way]:.2f} |")

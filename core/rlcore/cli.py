@@ -162,19 +162,20 @@ def run(algo: str | None, backend: str | None, rollout: str | None, task: str | 
             raise RunDirError("--overwrite starts a new run and --resume continues one: pass only one of them")
         run_dir = resume
         saved = load_saved_config(resume, "--resume")
+    from rlcore import preflight
+    from rlcore.models import read_config
+
     cfg = _resolve(saved, config_file, dict(algo=algo, backend=backend, rollout=rollout, task=task, hardware=hardware),
                    dict(model=model, steps=steps, seed=seed), overrides)
+    model_config = read_config(cfg.trainer.model)
+    cfg = preflight.settle(cfg, model_config)  # config.yaml and the dry run show what `auto` options stand for
     changes = resuming.changes(saved, cfg, resume) if saved is not None and resume is not None else []
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
         import yaml
 
-        from rlcore import preflight
-        from rlcore.models import read_config
-
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
-        model_config = read_config(cfg.trainer.model)
         preflight.check_run(cfg, model_config)
         seen = (f"model config {type(model_config).__name__} read" if model_config is not None else
                 f"model config of {cfg.trainer.model!r} not readable here, so the model checks were skipped")

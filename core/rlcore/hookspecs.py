@@ -5,8 +5,9 @@ A run registers exactly one plugin of each kind (algo, backend, rollout, task, h
 answers (not None); the others are *collected* into a list. Implementations may accept a subset of the
 arguments (pluggy passes only those they name), so new arguments can be added without breaking plugins.
 
-Before anything starts (`rlcore run --dry-run` too), every selected plugin may refuse the combination through
-`check_run` (see `rlcore.preflight`). One step of the loop, in order:
+Before anything starts (`rlcore run --dry-run` too), every selected plugin may settle its `auto` options
+(`settle_options`) and refuse the combination through `check_run` (see `rlcore.preflight`). One step of the
+loop, in order:
     prompts = task.dataset("train")[...]                        (the core batches and shuffles)
     batch   = rollout.sample(prompts, params, tools, interaction)
     scores  = task.score(batch)                                  -> batch.rewards
@@ -106,6 +107,14 @@ def check_run(config: dict[str, Any], model_config: Any, modalities: frozenset[s
     it cannot be read here (a hub id without network), `modalities` the union of every plugin's `modalities`.
     Return one line per problem, naming it and the fix (e.g. "backend megatron: model_type 'qwen2_5_vl' ...;
     use --backend fsdp"), or nothing. The run stops with them all (exit 2) before any plugin starts."""
+
+
+@hookspec
+def settle_options(config: dict[str, Any], model_config: Any) -> dict[str, dict[str, Any]] | None:
+    """Any plugin, collected. Replace the plugin's `auto` option values by what they stand for on this machine
+    (a measured precision), so that config.yaml says what runs: called by `rlcore run` on fresh instances,
+    as `check_run`, after the config is resolved and before `--dry-run` prints it or config.yaml is written.
+    Return `{section: {option: value}}` (merged into the config, which is validated again), or nothing."""
 
 
 # ---- placement -----------------------------------------------------------------------------------

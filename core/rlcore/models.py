@@ -363,12 +363,23 @@ def read_config(model: str) -> Any | None:
     p = Path(model).expanduser()
     try:
         if p.is_file() and p.suffix == ".gguf":
-            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+            return _gguf_config(p.parent, p.name)
         if p.is_dir() and not (p / "config.json").exists():
             ggufs = sorted(p.glob("*.gguf"))
-            return AutoConfig.from_pretrained(p, gguf_file=ggufs[0].name) if len(ggufs) == 1 else None
+            return _gguf_config(p, ggufs[0].name) if len(ggufs) == 1 else None
         return AutoConfig.from_pretrained(str(p) if p.exists() else model)
     except (OSError, ValueError, ImportError):
+        return None
+
+
+def _gguf_config(directory: Path, name: str) -> Any | None:
+    """The config in a GGUF file's header, or None when the header cannot be parsed (the run names a truncated
+    or corrupt file when it loads the model)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=name)
+    except Exception:  # noqa: BLE001 - the gguf reader raises struct, numpy and key errors on a bad header
         return None
 
 

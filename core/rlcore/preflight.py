@@ -1,21 +1,22 @@
 """Checks before a run: every selected plugin may refuse a combination it cannot run, before anything starts.
 
-`rlcore run --dry-run` and the start of every run call `check_run` here: fresh instances of the selected
-plugins (constructors only: no model, engine, worker or Ray is started) answer the `modalities` and
-`check_run` hooks (see `rlcore.hookspecs`) given the resolved config and the model's transformers config,
-read without loading weights. A run that would fail later (a vision-language model on a backend that cannot
-host it, a model type a backend cannot load, parallel sizes that do not divide the model) stops here with one
-line per problem.
+`rlcore run` first lets the plugins settle their `auto` options (`settle`), so that config.yaml and the dry
+run show the values that run. `rlcore run --dry-run` and the start of every run call `check_run` here: fresh
+instances of the selected plugins (constructors only: no model, engine, worker or Ray is started) answer the
+`modalities` and `check_run` hooks (see `rlcore.hookspecs`) given the resolved config and the model's
+transformers config, read without loading weights. A run that would fail later (a vision-language model on a
+backend that cannot host it, a model type a backend cannot load, parallel sizes that do not divide the model)
+stops here with one line per problem.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rlcore.config import build_options
+from rlcore.config import build_options, merge
 from rlcore.errors import ConfigError, PluginError, RLCoreError
 from rlcore.plugins import SELECTED_KINDS, Registry, construct, options_class
-from rlcore.run_config import ResolvedConfig
+from rlcore.run_config import ResolvedConfig, resolve
 
 
 def local_registry(cfg: ResolvedConfig) -> Registry:
@@ -44,6 +45,16 @@ def problems(cfg: ResolvedConfig, model_config: Any) -> list[str]:
     modalities = frozenset(m for found in registry.hook.modalities() for m in found or ())
     answers = registry.hook.check_run(config=cfg.to_dict(), model_config=model_config, modalities=modalities)
     return [line for found in answers for line in found or ()]
+
+
+def settle(cfg: ResolvedConfig, model_config: Any) -> ResolvedConfig:
+    """`cfg` with the values the selected plugins' `settle_options` put in place of their `auto` options
+    (validated again), or `cfg` itself when none answers."""
+    answers = local_registry(cfg).hook.settle_options(config=cfg.to_dict(), model_config=model_config)
+    changes: dict[str, Any] = {}
+    for answer in answers:
+        changes = merge(changes, answer or {})
+    return resolve(merge(cfg.to_dict(), changes)) if changes else cfg
 
 
 def check_run(cfg: ResolvedConfig, model_config: Any) -> None:

@@ -151,7 +151,7 @@ def test_render_with_and_without_chat_template(rollout: HFRollout) -> None:
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(ConfigError, match="rollout.dtype: expected one of 'float32', 'bfloat16'"):
+    with pytest.raises(ConfigError, match="rollout.dtype: expected one of 'auto', 'float32', 'bfloat16'"):
         build_options(HFRollout.Options, {"dtype": "float16"}, "rollout")
     assert build_options(HFRollout.Options, {"max_rows_per_generate": "8"}, "rollout").max_rows_per_generate == 8
     with pytest.raises(ConfigError, match="max_turns=0 must be at least 1"):
@@ -270,3 +270,38 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         assert reserved.get_seq_length() == dynamic.get_seq_length() == 6 + step
     with pytest.raises(RuntimeError, match="more positions than reserved"):
         reserved.update(k, v)
+
+
+def test_skinny_linears_compute_what_linear_computes_and_leave_other_layers_alone(monkeypatch) -> None:
+    """Inside `skinny_linears` a float32 `Linear` computes calls of few rows as W @ x.T (rows padded to a
+    multiple of 8): the same values (to float32 rounding), shape and contiguity as `Linear`, bias included;
+    calls of more rows and `MatchedLinear` layers are computed as before, and leaving restores every layer's
+    own forward. Where the machine's probe finds no gain, no layer is touched."""
+    from rlcore_backends.common.matched import MatchedLinear
+    from rlcore_backends.rollout.hf import decode
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.plain, model.biased, model.matched = (torch.nn.Linear(48, 80, bias=False), torch.nn.Linear(48, 80),
+                                                MatchedLinear(48, 80, bias=False))
+    model.get_decoder = lambda: model
+    inputs = [torch.randn(2, 3, 48, generator=gen), torch.randn(1, 13, 48, generator=gen),
+              torch.randn(decode.SKINNY_ROWS + 1, 48, generator=gen)]
+    assert isinstance(decode.skinny_pays([model.plain, model.biased]), bool)  # measured here, then kept
+    assert ((80, 48),) in decode._PAYS
+    monkeypatch.setattr(decode, "skinny_pays", lambda layers: True)
+    with torch.no_grad():
+        want = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
+        with decode.skinny_linears(model):
+            assert "forward" in vars(model.plain) and "forward" not in vars(model.matched)
+            got = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
+    for name, (six, thirteen, many) in got.items():
+        assert six.shape == (2, 3, 80) and thirteen.shape == (1, 13, 80) and six.is_contiguous()
+        torch.testing.assert_close(six, want[name][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(thirteen, want[name][1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(many, want[name][2]), "more rows than SKINNY_ROWS: Linear's own GEMM"
+    assert torch.equal(got["matched"][0], want["matched"][0])
+    assert not any("forward" in vars(layer) for layer in model.children())
+    monkeypatch.setattr(decode, "skinny_pays", lambda layers: False)
+    with decode.skinny_linears(model):
+        assert not any("forward" in vars(layer) for layer in model.children())

@@ -200,7 +200,7 @@ def test_bf16_and_gradient_checkpointing(make_backend: Factory, batch: RolloutBa
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(ConfigError, match="backend.dtype: expected one of 'float32', 'bfloat16'"):
+    with pytest.raises(ConfigError, match="backend.dtype: expected one of 'auto', 'float32', 'bfloat16'"):
         build_options(TorchBackend.Options, {"dtype": "fp16"}, "backend")
     with pytest.raises(ConfigError, match="micro_batch_tokens=0 must be at least 1"):
         build_options(TorchBackend.Options, {"micro_batch_tokens": 0}, "backend")

@@ -92,3 +92,24 @@ def test_backends_and_rollouts_refuse_what_they_cannot_do() -> None:
     adapters = invoke("run", "--dry-run", "--rollout", "vllm", "--backend", "lora", "--set", "backend.sync=adapter",
                       "--task", "colors", "--model", EMBEDDED_VL)
     assert adapters.exit_code == 2 and "vLLM applies LoRA adapters to the language model only" in adapters.output
+
+
+SETTLER = '''
+from rlcore import hookimpl
+
+class Settler:
+    """An extra plugin that settles an option from the model's config (as `dtype: auto` does)."""
+
+    @hookimpl
+    def settle_options(self, config, model_config):
+        return {"sampling": {"max_new_tokens": model_config.num_hidden_layers * 3}}
+'''
+
+
+def test_settled_options_are_what_the_dry_run_prints_and_config_yaml_saves(install_fake, tmp_path: Path) -> None:
+    install_fake(SETTLER, {"rlcore.extra": {"settler": "{mod}:Settler"}})
+    dry = invoke("run", "--dry-run")
+    assert dry.exit_code == 0 and "  max_new_tokens: 6\n" in dry.output, dry.output  # 2 layers; the preset says 4
+    run = invoke("run", "--steps", "1", "--run-dir", str(tmp_path / "run"), "--set", "trainer.prompts_per_step=2")
+    assert run.exit_code == 0, run.output
+    assert "  max_new_tokens: 6\n" in (tmp_path / "run" / "config.yaml").read_text()

@@ -24,7 +24,8 @@ from rlcore import Interaction, Prompt, RolloutBatch, SamplingParams, Tool, Weig
 from rlcore.config import check_choice, check_range
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError, RLCoreError
-from rlcore.models import load_model
+from rlcore.models import load_model, read_config
+from rlcore_backends.common.auto_dtype import config_counts, settle_dtype
 from rlcore_backends.common.dtypes import DTYPES
 from rlcore_backends.common.matched import match
 from rlcore_backends.rollout.engine import Completion, TurnOptions, pad, run_turns, stop_token_ids
@@ -97,11 +98,11 @@ class HFRollout:
 
     @attrs.define
     class Options(TurnOptions):
-        dtype: Literal["float32", "bfloat16", "bfloat16_matched"] = attrs.field(
-            default="float32", validator=check_choice("float32", "bfloat16", "bfloat16_matched"))
+        dtype: Literal["auto", "float32", "bfloat16", "bfloat16_matched"] = attrs.field(
+            default="auto", validator=check_choice("auto", "float32", "bfloat16", "bfloat16_matched"))
         """Weights and compute dtype of the rollout model (bfloat16 is ~2x faster on AMX CPUs, less exact);
         bfloat16_matched: float32 weights, bfloat16 matmuls computing the bits the torch backend computes
-        in its bfloat16_matched (README: "Precision")."""
+        in its bfloat16_matched; auto: the backend's choice between the two (README: "Precision")."""
         max_rows_per_generate: int = attrs.field(default=512, validator=check_range(1))
         """Sequences decoded together (prompts times n); bounds the memory of the KV cache and logits."""
         decoder: Literal["lean", "generate"] = attrs.field(default="lean", validator=check_choice("lean", "generate"))
@@ -118,9 +119,20 @@ class HFRollout:
         self.device = torch.device("cpu")
 
     @hookimpl
+    def settle_options(self, config: dict[str, Any], model_config: Any) -> dict[str, Any] | None:
+        """`dtype: auto` made float32 or bfloat16_matched, as measured on this machine."""
+        if self.options.dtype != "auto":
+            return None
+        return {"rollout": {"dtype": settle_dtype(config, "rollout", lambda: config_counts(model_config))}}
+
+    @hookimpl
     def setup(self, ctx: RunContext) -> None:
-        """Load the model on the hardware's device and replace its generation defaults by a neutral config."""
+        """Load the model on the hardware's device and replace its generation defaults by a neutral config
+        (`dtype: auto` settled here when a run was not started by `rlcore run`, which settles it in config.yaml)."""
         self.device = ctx.hardware.device()
+        if self.options.dtype == "auto":
+            self.options = attrs.evolve(self.options, dtype=settle_dtype(
+                ctx.config, "rollout", lambda: config_counts(read_config(str(ctx.model.path)))))
         matched = self.options.dtype == "bfloat16_matched"
         self.model = load_model(ctx.model, torch.float32 if matched else DTYPES[self.options.dtype], self.device)
         self.model.eval().requires_grad_(False)

@@ -24,8 +24,9 @@ from rlcore.config import check_choice
 from rlcore.context import RunContext
 from rlcore.errors import ConfigError
 from rlcore.metrics import combine, mean_over_steps
-from rlcore.models import load_model
+from rlcore.models import load_model, read_config
 from rlcore_backends.common import micro_batches
+from rlcore_backends.common.auto_dtype import config_counts, settle_dtype
 from rlcore_backends.common.export import load_cpu_model, write_model_dir
 from rlcore_backends.common.matched import match
 from rlcore_backends.common.policy_pass import logprobs_pass, loss_pass, non_finite_error
@@ -38,12 +39,13 @@ from rlcore_backends.common.weights import load_saved_weights
 class TorchOptions(TrainOptions):
     """The trainer options, with the torch backend's own precision."""
 
-    dtype: Literal["float32", "bfloat16", "bfloat16_matched"] = attrs.field(
-        default="float32", validator=check_choice("float32", "bfloat16", "bfloat16_matched"))
+    dtype: Literal["auto", "float32", "bfloat16", "bfloat16_matched"] = attrs.field(
+        default="auto", validator=check_choice("auto", "float32", "bfloat16", "bfloat16_matched"))
     """Compute dtype (weights and optimizer stay float32): bfloat16 runs forward passes under autocast;
     bfloat16_matched runs the decoder's matmuls in bfloat16 chunks that give each row the same bits however
     many rows a pass holds, attention in float64 and the rest in float32, so with the hf rollout in
-    bfloat16_matched too both sides compute the same logprobs (README: "Precision")."""
+    bfloat16_matched too both sides compute the same logprobs; auto: float32 or bfloat16_matched, whichever
+    this machine measures faster (`common.auto_dtype`; config.yaml records the choice). README: "Precision"."""
 
 
 class TorchBackend:
@@ -60,6 +62,13 @@ class TorchBackend:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.steps = 0
+
+    @hookimpl
+    def settle_options(self, config: dict[str, Any], model_config: Any) -> dict[str, Any] | None:
+        """`dtype: auto` made float32 or bfloat16_matched, as measured on this machine."""
+        if getattr(self.options, "dtype", None) != "auto":
+            return None
+        return {"backend": {"dtype": settle_dtype(config, "backend", lambda: config_counts(model_config))}}
 
     @hookimpl
     def setup(self, ctx: RunContext) -> None:
@@ -131,7 +140,11 @@ class TorchBackend:
     # ---- helpers that subclasses (lora) override ---------------------------------------------------
 
     def _load_policy(self, ctx: RunContext) -> Any:
-        """The trainable policy on this backend's device."""
+        """The trainable policy on this backend's device (`dtype: auto` settled here when a run was not started
+        by `rlcore run`, which settles it in config.yaml)."""
+        if self.options.dtype == "auto":  # the shapes from the config, as the hf rollout reads them: one choice
+            self.options = attrs.evolve(self.options, dtype=settle_dtype(
+                ctx.config, "backend", lambda: config_counts(read_config(str(ctx.model.path)))))
         model = self._precision(load_model(ctx.model, torch.float32, self.device))
         if self.options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
