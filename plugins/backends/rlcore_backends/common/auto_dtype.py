@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import attrs
 import torch
 
-from rlcore_backends.common.matched import MatchedLinear, invariant_chunk
+from rlcore_backends.common.matched import MatchedLinear, invariant_chunk, linear_counts
 
 log = logging.getLogger("rlcore")
 
@@ -51,12 +50,6 @@ class Choice:
 
     dtype: str
     reason: str
-
-
-def linear_counts(model: Any) -> Shapes:
-    """The decoder's `Linear` shapes of a loaded (or meta-device) transformers model."""
-    return dict(Counter((m.in_features, m.out_features) for m in model.get_decoder().modules()
-                        if isinstance(m, torch.nn.Linear)))
 
 
 def config_counts(model_config: Any) -> Shapes | None:

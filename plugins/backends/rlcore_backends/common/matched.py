@@ -18,6 +18,7 @@ bit, and the two sides' logprobs agree as float32's do.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Any
 
 import torch
@@ -68,10 +69,16 @@ def matched_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, at
     return out.float(), None
 
 
+def linear_counts(model: Any) -> dict[tuple[int, int], int]:
+    """The (inner, outer) dimensions of the decoder's `Linear` layers (of a loaded or meta-device transformers
+    model) and how many layers have each."""
+    return dict(Counter((m.in_features, m.out_features) for m in model.get_decoder().modules()
+                        if isinstance(m, torch.nn.Linear)))
+
+
 def linear_shapes(model: Any) -> list[tuple[int, int]]:
     """The distinct (inner, outer) dimensions of the decoder's `Linear` layers."""
-    return sorted({(m.in_features, m.out_features) for m in model.get_decoder().modules()
-                   if isinstance(m, torch.nn.Linear)})
+    return sorted(linear_counts(model))
 
 
 @functools.lru_cache(maxsize=None)
