@@ -254,7 +254,8 @@ def run_rlcore(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"side": "rlcore", "setup_s": setup_s, "rss_setup_mib": rss_setup, "steps": steps,
             "dtype": cfg.options["backend"].dtype, "threads": torch.get_num_threads(),
             "rollout": cfg.selection["rollout"], "micro_batch_tokens": cfg.options["backend"].micro_batch_tokens,
-            "log_mismatch": cfg.trainer.log_mismatch}
+            "log_mismatch": cfg.trainer.log_mismatch,
+            "share_prompts": bool(getattr(cfg.options["backend"], "share_prompts", False))}
 
 
 # ---- TRL -----------------------------------------------------------------------------------------

@@ -213,6 +213,13 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
             f"each round's update / its peak; update dtype {dtype})")
         add(f"    model FLOPs without the embedding lookup, LM head on completion tokens only: {useful / 1e9:.1f} "
             f"GFLOP per update = {100 * useful_fp32:.1f}% of fp32 peak")
+        runs = rl_runs if side == "rlcore" else tr_runs
+        if runs[0].get("share_prompts"):  # each distinct prompt runs once, not once per sample
+            computed = useful - 6 * model["non_embedding_params"] * (s["update_tokens"] - s["gen_tokens"]) * (
+                1 - 1 / args.group)
+            computed_fp32 = med([computed / u / p["fp32"] for u, p in zip(s["round_updates"], peaks) if u > 0])
+            add(f"    the same, each distinct prompt once as share_prompts runs it: {computed / 1e9:.1f} GFLOP per "
+                f"update = {100 * computed_fp32:.1f}% of fp32 peak")
         results[f"{side}_update_util_bf16"] = util["bf16"]
         results[f"{side}_update_util_fp32"] = util["fp32"]
         # generation: 2 FLOPs per weight of the decoder layers and of the LM head per generated token

@@ -10,8 +10,9 @@ alternating for `--rounds` rounds (the update on fresh copies of the same starti
   update, what the loop did until the update measured it) against `in update` (the update alone);
 - how the hf rollout's decode loop keeps its KV cache: `concatenating` (transformers' `DynamicLayer`, a copy
   of the whole cache every step, what it did before) against `reserved` (written in place, `ReservedLayer`);
-- how a decode step runs the decoder's `Linear` layers: `x @ W.T` (`Linear`'s own GEMM, what it did before)
-  against W @ x.T (`decode.skinny_linears`, what it does now);
+- how a decode step runs the decoder's `Linear` layers: `x @ W.T` (`Linear`'s own GEMM, what it did first),
+  `W @ x.T` (what it did next) and `packed` (oneDNN over weights reordered per decode, the LM head too)
+  against the way `linears.decode_linears` measures fastest on this machine (what it does now);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
   padding costs more than a pass, `micro_batches.by_length`, what they do now);
@@ -46,7 +47,7 @@ from rlcore.metrics import finish_mismatch, logprob_mismatch  # noqa: E402
 from rlcore.plugins import instantiate, load  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 from rlcore_backends.common import micro_batches  # noqa: E402
-from rlcore_backends.rollout.hf import decode  # noqa: E402
+from rlcore_backends.rollout.hf import decode, linears  # noqa: E402
 
 
 def main() -> None:
@@ -59,23 +60,27 @@ def main() -> None:
         rollout = instantiate(load("rollout", "hf"), {}, "rollout")
         rollout.setup(ctx=ctx)
         params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-        reserve, skinny = decode.reserve, decode.SKINNY_ROWS
-        generation_ways = {"concatenating": (False, skinny), "x @ W.T": (True, 0), "reserved": (True, skinny)}
+        reserve, choose = decode.reserve, linears.choose
+        forced = {"x @ W.T": ("linear", "skinny"), "W @ x.T": ("skinny", "skinny"), "packed": ("packed", "packed")}
+        generation_ways = ["concatenating", *forced, "reserved"]
         decoded: dict[str, list[float]] = {way: [] for way in generation_ways}
         samples = {}
         for _ in range(args.rounds):
-            for way, (in_place, skinny_rows) in generation_ways.items():
-                decode.reserve = reserve if in_place else (lambda cache, room: None)
-                decode.SKINNY_ROWS = skinny_rows
+            for way in generation_ways:
+                decode.reserve = (lambda cache, room: None) if way == "concatenating" else reserve
+                body, lm_head = forced.get(way, (None, None))
+                linears.choose = choose if body is None else (
+                    lambda layers, steps, head=False, body=body, lm_head=lm_head: lm_head if head else body)
                 t0 = time.perf_counter()
                 samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
                 decoded[way].append(time.perf_counter() - t0)
-        decode.reserve, decode.SKINNY_ROWS = reserve, skinny
+        decode.reserve, linears.choose = reserve, choose
         batch = samples["reserved"]
         same_tokens = {way: torch.equal(batch.response_ids, samples[way].response_ids) for way in generation_ways}
         old_generation = statistics.median(decoded["concatenating"])
-        linear_generation = statistics.median(decoded["x @ W.T"])
         generation = statistics.median(decoded["reserved"])
+        gemm_generation = {way: statistics.median(decoded[way]) for way in forced}
+        chosen = linears.ways(rollout.model, rollout.model.get_output_embeddings(), args.max_new_tokens)[1:]
         batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
         algo = instantiate(load("algo", "grpo"), {}, "algo")
         loss = algo.policy_loss()
@@ -117,10 +122,12 @@ def main() -> None:
     print(f"generation: KV cache concatenated every step {old_generation:.2f} s, written in place {generation:.2f} s "
           f"({old_generation / generation:.2f}x; the same tokens: {same_tokens['concatenating']}); the step below "
           f"{(old_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
-    print(f"generation: decode steps' Linear layers as x @ W.T {linear_generation:.2f} s, as W @ x.T "
-          f"({decode.SKINNY_ROWS} rows or fewer) {generation:.2f} s ({linear_generation / generation:.2f}x; the same "
-          f"tokens: {same_tokens['x @ W.T']}); the step below "
-          f"{(linear_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
+    print(f"generation: decode steps' Linear layers and LM head in the way measured fastest here (layers "
+          f"{chosen[0]}, head {chosen[1]}) {generation:.2f} s; forced, against it: " + ", ".join(
+              f"{way} {seconds:.2f} s ({seconds / generation:.2f}x; the same tokens: {same_tokens[way]})"
+              for way, seconds in gemm_generation.items()))
+    print(f"the step below is {(gemm_generation['x @ W.T'] + med['in update']) / (generation + med['in update']):.2f}x "
+          "faster than with x @ W.T")
     print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")
     for way in ways:
         print(f"| {way} | {med[way]:.2f} | {generation + med[way]:.2f} |")

@@ -222,12 +222,25 @@ def test_min_new_tokens_holds_responses_to_their_length(rollout: HFRollout, prom
     assert (held >= 5).all() and (held < 20).any(), "with min_new_tokens=5 none ends before 5 tokens, some after"
 
 
+def _force_way(monkeypatch, way: str) -> None:
+    """Decode's `Linear` layers in `way` (the LM head too, or W @ h.T for `linear`, which it never uses)."""
+    from rlcore_backends.rollout.hf import linears
+
+    if way == "packed" and linears.pack(torch.ones(2, 2)) is None:
+        pytest.skip("this torch has no oneDNN linear (the probe leaves `packed` out here)")
+    monkeypatch.setattr(linears, "choose", lambda layers, steps, head=False: "skinny" if head and way == "linear"
+                        else way)
+
+
+@pytest.mark.parametrize("way", ["linear", "skinny", "packed"])
 def test_lean_decoder_matches_transformers_generate(rlcore_context: RunContext, rollout: HFRollout,
-                                                   prompts: list[Prompt]) -> None:
+                                                   prompts: list[Prompt], monkeypatch, way: str) -> None:
     """The lean decode loop (distinct prompts prefilled once, finished rows dropped) samples exactly what
-    transformers `generate` does with the same sampler: greedy with EOS-ended rows of several lengths, and
-    seeded sampling (every row's uniform is drawn each step, so the random stream is the same), and one
-    sample per prompt in both orders (no repeated rows: the prefill cache is still put in the rows' order)."""
+    transformers `generate` does with the same sampler, whichever way its `Linear` layers and LM head
+    compute: greedy with EOS-ended rows of several lengths, and seeded sampling (every row's uniform is drawn
+    each step, so the random stream is the same), and one sample per prompt in both orders (no repeated rows:
+    the prefill cache is still put in the rows' order)."""
+    _force_way(monkeypatch, way)
     reference = HFRollout(HFRollout.Options(decoder="generate"))
     reference.setup(ctx=rlcore_context)
     for order in (prompts, prompts[::-1]):
@@ -272,36 +285,78 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         reserved.update(k, v)
 
 
-def test_skinny_linears_compute_what_linear_computes_and_leave_other_layers_alone(monkeypatch) -> None:
-    """Inside `skinny_linears` a float32 `Linear` computes calls of few rows as W @ x.T (rows padded to a
-    multiple of 8): the same values (to float32 rounding), shape and contiguity as `Linear`, bias included;
-    calls of more rows and `MatchedLinear` layers are computed as before, and leaving restores every layer's
-    own forward. Where the machine's probe finds no gain, no layer is touched."""
+def _toy_model() -> torch.nn.Module:
     from rlcore_backends.common.matched import MatchedLinear
-    from rlcore_backends.rollout.hf import decode
 
-    gen = torch.Generator().manual_seed(0)
     model = torch.nn.Module()
     model.plain, model.biased, model.matched = (torch.nn.Linear(48, 80, bias=False), torch.nn.Linear(48, 80),
                                                 MatchedLinear(48, 80, bias=False))
     model.get_decoder = lambda: model
+    return model
+
+
+@pytest.mark.parametrize("way", ["linear", "skinny", "packed"])
+def test_decode_linears_compute_what_linear_computes_and_leave_other_layers_alone(monkeypatch, way: str) -> None:
+    """Inside `decode_linears` each way (x @ W.T, W @ x.T with rows padded to a multiple of 8, oneDNN over
+    packed weights) computes a float32 `Linear`'s calls of few rows as `Linear` does: the same values (to
+    float32 rounding), shape and contiguity, bias included; calls of more rows and `MatchedLinear` layers
+    are computed as before, the LM head's logits come vocabulary-major in the given buffer, and leaving
+    restores every layer's own forward."""
+    from rlcore_backends.rollout.hf import linears
+
+    _force_way(monkeypatch, way)
+    gen = torch.Generator().manual_seed(0)
+    model, head = _toy_model(), torch.nn.Linear(48, 300)
     inputs = [torch.randn(2, 3, 48, generator=gen), torch.randn(1, 13, 48, generator=gen),
-              torch.randn(decode.SKINNY_ROWS + 1, 48, generator=gen)]
-    assert isinstance(decode.skinny_pays([model.plain, model.biased]), bool)  # measured here, then kept
-    assert ((80, 48),) in decode._PAYS
-    monkeypatch.setattr(decode, "skinny_pays", lambda layers: True)
+              torch.randn(linears.DECODE_ROWS + 1, 48, generator=gen)]
+    hidden = torch.randn(5, 48, generator=gen)
+    buffer = torch.full((300 * 8,), float("nan"))
     with torch.no_grad():
         want = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
-        with decode.skinny_linears(model):
-            assert "forward" in vars(model.plain) and "forward" not in vars(model.matched)
+        with linears.decode_linears(model, head, steps=64) as head_logits:
+            assert ("forward" in vars(model.plain)) == (way != "linear") and "forward" not in vars(model.matched)
             got = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
+            logits = head_logits(hidden, buffer)
     for name, (six, thirteen, many) in got.items():
         assert six.shape == (2, 3, 80) and thirteen.shape == (1, 13, 80) and six.is_contiguous()
         torch.testing.assert_close(six, want[name][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(thirteen, want[name][1], atol=1e-5, rtol=1e-5)
-        assert torch.equal(many, want[name][2]), "more rows than SKINNY_ROWS: Linear's own GEMM"
+        assert torch.equal(many, want[name][2]), "more rows than DECODE_ROWS: Linear's own GEMM"
     assert torch.equal(got["matched"][0], want["matched"][0])
+    assert logits.shape == (300, 5) and logits.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(logits, head(hidden).T, atol=1e-5, rtol=1e-5)
     assert not any("forward" in vars(layer) for layer in model.children())
-    monkeypatch.setattr(decode, "skinny_pays", lambda layers: False)
-    with decode.skinny_linears(model):
-        assert not any("forward" in vars(layer) for layer in model.children())
+
+
+def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself() -> None:
+    """`timing` measures every way at the model's shapes once per process (the head's separately, and two
+    models of one shape but another depth apart); `fastest` counts the packing once per decode and keeps the
+    baseline unless another way saves 1.1x."""
+    from rlcore_backends.rollout.hf import linears
+
+    model = _toy_model()
+    measured = linears.timing([model.plain, model.biased])
+    assert {"linear", "skinny"} <= set(measured.step) and all(s > 0 for s in measured.step.values())
+    assert linears.timing([model.plain, model.biased]) is measured
+    assert linears.timing([model.plain]) is not measured, "another layer count is another measurement"
+    assert set(linears.timing([torch.nn.Linear(48, 300)], head=True).step) <= {"skinny", "packed"}
+    given = linears.Timing({"linear": 1.0, "skinny": 0.95, "packed": 0.5}, pack=20.0)
+    assert given.fastest(steps=128, baseline="linear") == "packed"  # 128 + 0 against 64 + 20
+    assert given.fastest(steps=8, baseline="linear") == "linear", "20 s of packing for 4 s saved"
+    assert linears.Timing({"linear": 1.0, "skinny": 0.95}, pack=0.0).fastest(128, "linear") == "linear"
+    assert linears.Timing({"linear": 1.0, "skinny": 0.8}, pack=0.0).fastest(128, "linear") == "skinny"
+
+
+def test_column_max_is_amax_over_the_vocabulary() -> None:
+    """The sampler's column maximum equals `amax(0)` exactly, for vocabularies below, at and past a multiple
+    of its 64 slabs, with -inf entries (banned tokens) and a column that is all -inf but one."""
+    from rlcore_backends.rollout.hf.decode import column_max
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab, rows in [(10, 3), (64, 1), (130, 5), (4096, 16), (4099, 13)]:
+        values = torch.randn(vocab, rows, generator=gen)
+        values[::7] = float("-inf")
+        values[:, 0] = float("-inf")
+        values[vocab - 1, 0] = 2.5
+        assert torch.equal(column_max(values), values.amax(0))
+        assert column_max(values)[0] == 2.5

@@ -48,7 +48,8 @@ def test_one_round_one_step_on_the_5m_model_prints_the_full_report(trl_interpret
                   "generated tokens/s (end to end)", "phase generation s/step", "phase logprob s/step",
                   "phase update s/step", "peak RSS MiB", "per-round throughput ratio rlcore/TRL",
                   "update FLOP utilisation rlcore", "update FLOP utilisation TRL", "% of fp32 peak",
-                  "% of bf16 peak", "update dtype float32", "rlcore/TRL", "trl 1.16"):
+                  "% of bf16 peak", "update dtype float32", "rlcore/TRL", "trl 1.16",
+                  "each distinct prompt once as share_prompts runs it"):
         assert field in report, f"{field!r} missing from the report:\n{report}"
     # Both sides generated exactly the fixed completion length.
     expected = PROMPTS * GROUP * TOKENS

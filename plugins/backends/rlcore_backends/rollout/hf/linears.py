@@ -1,0 +1,184 @@
+"""How the hf rollout's decode steps compute the decoder's float32 `Linear` layers and the LM head on a CPU.
+
+A decode step multiplies a few rows by every weight, and which GEMM does that fastest depends on the
+machine. Three ways compute the same product (to float32 rounding): `Linear`'s own x @ W.T; W @ x.T, rows
+padded to a multiple of 8 (`skinny`); and oneDNN's linear over weights reordered once into its blocked
+layout (`packed`, what inductor's CPU freezing uses), which costs a copy of the weights per `decode` call.
+`timing` measures each over all of the model's layers in turn, as a decode step streams their weights from
+memory, once per process and model shape; `Timing.fastest` picks one for a decode of a given length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DECODE_ROWS = 32
+"""Calls of at most this many rows (decode steps) take the chosen way; larger ones (prefill) `Linear`'s."""
+PROBE_ROWS = (4, 13, 16)
+"""Decode row counts at which `timing` times the ways (13 rows: an odd count, which some GEMM kernels handle
+much worse than a multiple of 8)."""
+PACK_ROWS = 16
+"""The row count oneDNN's reorder tunes the packed layout for (any count computes correctly)."""
+GAIN = 1.1
+"""How much faster than the baseline another way must be to be chosen."""
+
+
+def _linear(layer: torch.nn.Linear, packed: Tensor | None, x: Tensor) -> Tensor:
+    return torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+
+def _skinny(layer: torch.nn.Linear, packed: Tensor | None, x: Tensor) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    padded = -(-count // 8) * 8  # whole blocks of 8 rows: odd counts hit slow kernels
+    if padded != count:
+        rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
+    out = torch.mm(layer.weight, rows.T)[:, :count].T.contiguous()
+    if layer.bias is not None:
+        out += layer.bias
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _packed(layer: torch.nn.Linear, packed: Tensor | None, x: Tensor) -> Tensor:
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, layer.bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+BODY: dict[str, Callable[[torch.nn.Linear, Tensor | None, Tensor], Tensor]] = {
+    "linear": _linear, "skinny": _skinny, "packed": _packed}
+"""The decoder layers' ways: (layer, its packed weight or None, x [..., in]) -> [..., out]."""
+
+
+def _head_skinny(head: torch.nn.Linear, packed: Tensor | None, hidden: Tensor, out: Tensor) -> Tensor:
+    logits = torch.mm(head.weight, hidden.T, out=out[:head.weight.shape[0] * len(hidden)].view(-1, len(hidden)))
+    return logits if head.bias is None else logits.add_(head.bias[:, None])
+
+
+def _head_packed(head: torch.nn.Linear, packed: Tensor | None, hidden: Tensor, out: Tensor) -> Tensor:
+    logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, head.bias, "none", [], "")
+    return out[:logits.numel()].view(logits.shape[1], -1).copy_(logits.T)
+
+
+def _head_other(head: torch.nn.Linear, hidden: Tensor, out: Tensor) -> Tensor:
+    logits = torch.mm(head.weight, hidden.to(head.weight.dtype).T).float()
+    return logits if head.bias is None else logits.add_(head.bias.float()[:, None])
+
+
+HEAD: dict[str, Callable[[torch.nn.Linear, Tensor | None, Tensor, Tensor], Tensor]] = {
+    "skinny": _head_skinny, "packed": _head_packed}
+"""The LM head's ways: (head, its packed weight or None, hidden [rows, H], out) -> logits [V, rows] in `out`,
+vocabulary-major as the `Sampler` takes them (W @ h.T ran ~1.4x faster than h @ W.T there, so it is the
+head's baseline)."""
+
+
+def pack(weight: Tensor) -> Tensor | None:
+    """`weight` reordered into oneDNN's blocked layout for `packed`, or None where this torch cannot."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of one decode step's pass over a set of layers in each way, and of packing their weights."""
+
+    step: dict[str, float]
+    pack: float
+
+    def fastest(self, steps: int, baseline: str) -> str:
+        """The way of least time over `steps` decode steps, packing counted once; `baseline` unless another
+        saves `GAIN`."""
+        total = {way: seconds * steps + (self.pack if way == "packed" else 0.0) for way, seconds in self.step.items()}
+        best = min(total, key=total.__getitem__)
+        return best if total[baseline] >= GAIN * total[best] else baseline
+
+
+_TIMINGS: dict[tuple[Any, ...], Timing] = {}
+
+
+def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
+    """Each way's seconds per decode step over all of `layers` in turn (the LM head's ways with `head`), the
+    best of 2 runs after a warm-up at each of `PROBE_ROWS`; measured once per process and set of layers'
+    shapes and count. `packed` is left out where oneDNN cannot pack here."""
+    key = (head, len(layers), tuple(sorted({tuple(layer.weight.shape) for layer in layers})))
+    if key in _TIMINGS:
+        return _TIMINGS[key]
+    generator = torch.Generator().manual_seed(0)
+    inputs = {(layer.weight.shape[1], rows): torch.randn(rows, layer.weight.shape[1], generator=generator)
+              for layer in layers for rows in PROBE_ROWS}
+    start = time.perf_counter()
+    packed = [pack(layer.weight) for layer in layers]
+    pack_seconds = time.perf_counter() - start
+    ways: dict[str, Callable[..., Tensor]] = dict(HEAD if head else BODY)
+    if any(weight is None for weight in packed):
+        del ways["packed"]
+    out = (torch.empty(max(layer.weight.shape[0] for layer in layers) * max(PROBE_ROWS)),) if head else ()
+
+    def seconds(forward: Callable[..., Tensor]) -> float:
+        runs = []
+        for _ in range(3):  # the first is a warm-up
+            start = time.perf_counter()
+            for rows in PROBE_ROWS:
+                for layer, weight in zip(layers, packed):
+                    forward(layer, weight, inputs[layer.weight.shape[1], rows], *out)
+            runs.append(time.perf_counter() - start)
+        return min(runs[1:]) / len(PROBE_ROWS)
+
+    with torch.no_grad():
+        _TIMINGS[key] = Timing({way: seconds(forward) for way, forward in ways.items()}, pack_seconds)
+    return _TIMINGS[key]
+
+
+def choose(layers: Sequence[torch.nn.Linear], steps: int, head: bool = False) -> str:
+    """The way `layers` (the LM head with `head`) compute a decode of `steps` steps here."""
+    return timing(layers, head).fastest(steps, "skinny" if head else "linear")
+
+
+def _decode_call(forward: Callable[..., Tensor], layer: torch.nn.Linear, packed: Tensor | None, x: Tensor
+                 ) -> Tensor:
+    if x.numel() > DECODE_ROWS * x.shape[-1]:
+        return _linear(layer, packed, x)
+    return forward(layer, packed, x)
+
+
+def _plain_cpu(layer: Any) -> bool:
+    return type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
+
+
+def ways(model: Any, head: torch.nn.Linear, steps: int) -> tuple[list[torch.nn.Linear], str, str | None]:
+    """The decoder's float32 CPU `Linear` layers, the way `choose` picks for them over `steps` steps, and the
+    LM head's (None where the head is not a float32 CPU `Linear`)."""
+    layers = [layer for layer in model.get_decoder().modules() if _plain_cpu(layer)]
+    return (layers, choose(layers, steps) if layers else "linear",
+            choose([head], steps, head=True) if _plain_cpu(head) else None)
+
+
+@contextlib.contextmanager
+def decode_linears(model: Any, head: torch.nn.Linear, steps: int) -> Iterator[Callable[[Tensor, Tensor], Tensor]]:
+    """While inside, the decoder's float32 CPU `Linear` layers compute calls of at most `DECODE_ROWS` rows in
+    the way `ways` picks for `steps` steps (weights packed on entry where that is `packed`); yields the LM
+    head's function (hidden [rows, H], out) -> logits [V, rows], float32, written into `out` when the head is
+    a float32 CPU `Linear`. Other calls and layer kinds (`MatchedLinear`) compute as before; leaving restores
+    every layer."""
+    layers, way, head_way = ways(model, head, steps)
+    if way != "linear":
+        for layer in layers:
+            weight = pack(layer.weight) if way == "packed" else None
+            layer.forward = functools.partial(_decode_call, BODY[way], layer, weight)
+    try:
+        if head_way is None:
+            yield functools.partial(_head_other, head)
+        else:
+            yield functools.partial(HEAD[head_way], head, pack(head.weight) if head_way == "packed" else None)
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)
