@@ -317,6 +317,8 @@ def test_decode_linears_compute_what_linear_computes_and_leave_other_layers_alon
             assert ("forward" in vars(model.plain)) == (way != "linear") and "forward" not in vars(model.matched)
             got = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
             logits = head_logits(hidden, buffer)
+            many_rows = torch.randn(linears.DECODE_ROWS + 1, 48, generator=gen)
+            wide = head_logits(many_rows, torch.empty(300 * (linears.DECODE_ROWS + 1)))
     for name, (six, thirteen, many) in got.items():
         assert six.shape == (2, 3, 80) and thirteen.shape == (1, 13, 80) and six.is_contiguous()
         torch.testing.assert_close(six, want[name][0], atol=1e-5, rtol=1e-5)
@@ -325,13 +327,15 @@ def test_decode_linears_compute_what_linear_computes_and_leave_other_layers_alon
     assert torch.equal(got["matched"][0], want["matched"][0])
     assert logits.shape == (300, 5) and logits.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(logits, head(hidden).T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide, head(many_rows).T, atol=1e-5, rtol=1e-5)
     assert not any("forward" in vars(layer) for layer in model.children())
 
 
-def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself() -> None:
+def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself(monkeypatch) -> None:
     """`timing` measures every way at the model's shapes once per process (the head's separately, and two
     models of one shape but another depth apart); `fastest` counts the packing once per decode and keeps the
-    baseline unless another way saves 1.1x."""
+    baseline unless another way saves 1.1x; packed weights are neither timed nor chosen where their copy
+    would take more than half the memory still available."""
     from rlcore_backends.rollout.hf import linears
 
     model = _toy_model()
@@ -345,6 +349,15 @@ def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself() -
     assert given.fastest(steps=8, baseline="linear") == "linear", "20 s of packing for 4 s saved"
     assert linears.Timing({"linear": 1.0, "skinny": 0.95}, pack=0.0).fastest(128, "linear") == "linear"
     assert linears.Timing({"linear": 1.0, "skinny": 0.8}, pack=0.0).fastest(128, "linear") == "skinny"
+    free = linears.available_bytes()
+    assert free is None or free > 0
+    monkeypatch.setattr(linears, "timing", lambda layers, head=False: given)
+    assert linears.choose([model.plain], steps=128) == "packed"
+    monkeypatch.setattr(linears, "available_bytes", lambda: 2 * model.plain.weight.nbytes - 1)
+    assert linears.choose([model.plain], steps=128) == "linear", "no room for the packed copy: skinny saves 1.05x"
+    monkeypatch.undo()
+    monkeypatch.setattr(linears, "available_bytes", lambda: 1000)
+    assert "packed" not in linears.timing([torch.nn.Linear(40, 24)]).step
 
 
 def test_column_max_is_amax_over_the_vocabulary() -> None:

@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,10 +95,11 @@ class Timing:
     step: dict[str, float]
     pack: float
 
-    def fastest(self, steps: int, baseline: str) -> str:
-        """The way of least time over `steps` decode steps, packing counted once; `baseline` unless another
-        saves `GAIN`."""
-        total = {way: seconds * steps + (self.pack if way == "packed" else 0.0) for way, seconds in self.step.items()}
+    def fastest(self, steps: int, baseline: str, packable: bool = True) -> str:
+        """The way of least time over `steps` decode steps, packing counted once (and left out unless
+        `packable`); `baseline` unless another saves `GAIN`."""
+        total = {way: seconds * steps + (self.pack if way == "packed" else 0.0) for way, seconds in self.step.items()
+                 if packable or way != "packed"}
         best = min(total, key=total.__getitem__)
         return best if total[baseline] >= GAIN * total[best] else baseline
 
@@ -108,7 +110,7 @@ _TIMINGS: dict[tuple[Any, ...], Timing] = {}
 def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
     """Each way's seconds per decode step over all of `layers` in turn (the LM head's ways with `head`), the
     best of 2 runs after a warm-up at each of `PROBE_ROWS`; measured once per process and set of layers'
-    shapes and count. `packed` is left out where oneDNN cannot pack here."""
+    shapes and count. `packed` is left out where oneDNN cannot pack here or memory is short (`room_to_pack`)."""
     key = (head, len(layers), tuple(sorted({tuple(layer.weight.shape) for layer in layers})))
     if key in _TIMINGS:
         return _TIMINGS[key]
@@ -116,7 +118,8 @@ def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
     inputs = {(layer.weight.shape[1], rows): torch.randn(rows, layer.weight.shape[1], generator=generator)
               for layer in layers for rows in PROBE_ROWS}
     start = time.perf_counter()
-    packed = [pack(layer.weight) for layer in layers]
+    room = room_to_pack(layers)
+    packed = [pack(layer.weight) if room else None for layer in layers]
     pack_seconds = time.perf_counter() - start
     ways: dict[str, Callable[..., Tensor]] = dict(HEAD if head else BODY)
     if any(weight is None for weight in packed):
@@ -138,9 +141,35 @@ def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
     return _TIMINGS[key]
 
 
+def available_bytes() -> int | None:
+    """Memory this process can still take: Linux's MemAvailable, or less where the container's memory cgroup
+    (v2 or v1, as mounted at /sys/fs/cgroup) leaves less; None where none of them can be read."""
+    free = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    root = Path("/sys/fs/cgroup")
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            free.append(int((root / limit).read_text()) - int((root / usage).read_text()))
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    return min(free) if free else None
+
+
+def room_to_pack(layers: Sequence[torch.nn.Linear]) -> bool:
+    """Whether a packed copy of `layers`' weights takes at most half the memory still available."""
+    free = available_bytes()
+    return free is None or 2 * sum(layer.weight.nbytes for layer in layers) <= free
+
+
 def choose(layers: Sequence[torch.nn.Linear], steps: int, head: bool = False) -> str:
-    """The way `layers` (the LM head with `head`) compute a decode of `steps` steps here."""
-    return timing(layers, head).fastest(steps, "skinny" if head else "linear")
+    """The way `layers` (the LM head with `head`) compute a decode of `steps` steps here (packed weights only
+    while there is `room_to_pack`)."""
+    return timing(layers, head).fastest(steps, "skinny" if head else "linear", room_to_pack(layers))
 
 
 def _decode_call(forward: Callable[..., Tensor], layer: torch.nn.Linear, packed: Tensor | None, x: Tensor
@@ -148,6 +177,11 @@ def _decode_call(forward: Callable[..., Tensor], layer: torch.nn.Linear, packed:
     if x.numel() > DECODE_ROWS * x.shape[-1]:
         return _linear(layer, packed, x)
     return forward(layer, packed, x)
+
+
+def _head_call(forward: Callable[..., Tensor], head: torch.nn.Linear, packed: Tensor | None, hidden: Tensor,
+               out: Tensor) -> Tensor:
+    return forward(head, packed, hidden, out) if len(hidden) <= DECODE_ROWS else _head_skinny(head, None, hidden, out)
 
 
 def _plain_cpu(layer: Any) -> bool:
@@ -178,7 +212,8 @@ def decode_linears(model: Any, head: torch.nn.Linear, steps: int) -> Iterator[Ca
         if head_way is None:
             yield functools.partial(_head_other, head)
         else:
-            yield functools.partial(HEAD[head_way], head, pack(head.weight) if head_way == "packed" else None)
+            packed = pack(head.weight) if head_way == "packed" else None
+            yield functools.partial(_head_call, HEAD[head_way], head, packed)
     finally:
         for layer in layers:
             vars(layer).pop("forward", None)
