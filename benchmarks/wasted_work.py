@@ -70,7 +70,8 @@ def main() -> None:
                 decode.reserve = (lambda cache, room: None) if way == "concatenating" else reserve
                 body, lm_head = forced.get(way, (None, None))
                 linears.choose = choose if body is None else (
-                    lambda layers, steps, head=False, body=body, lm_head=lm_head: lm_head if head else body)
+                    lambda layers, steps, head=False, packable=True, body=body, lm_head=lm_head:
+                    lm_head if head else body)
                 t0 = time.perf_counter()
                 samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
                 decoded[way].append(time.perf_counter() - t0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import Tensor
@@ -228,8 +230,8 @@ def _force_way(monkeypatch, way: str) -> None:
 
     if way == "packed" and linears.pack(torch.ones(2, 2)) is None:
         pytest.skip("this torch has no oneDNN linear (the probe leaves `packed` out here)")
-    monkeypatch.setattr(linears, "choose", lambda layers, steps, head=False: "skinny" if head and way == "linear"
-                        else way)
+    monkeypatch.setattr(linears, "choose", lambda layers, steps, head=False, packable=True:
+                        "skinny" if head and way == "linear" else way)
 
 
 @pytest.mark.parametrize("way", ["linear", "skinny", "packed"])
@@ -349,15 +351,49 @@ def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself(mon
     assert given.fastest(steps=8, baseline="linear") == "linear", "20 s of packing for 4 s saved"
     assert linears.Timing({"linear": 1.0, "skinny": 0.95}, pack=0.0).fastest(128, "linear") == "linear"
     assert linears.Timing({"linear": 1.0, "skinny": 0.8}, pack=0.0).fastest(128, "linear") == "skinny"
-    free = linears.available_bytes()
-    assert free is None or free > 0
-    monkeypatch.setattr(linears, "timing", lambda layers, head=False: given)
-    assert linears.choose([model.plain], steps=128) == "packed"
-    monkeypatch.setattr(linears, "available_bytes", lambda: 2 * model.plain.weight.nbytes - 1)
-    assert linears.choose([model.plain], steps=128) == "linear", "no room for the packed copy: skinny saves 1.05x"
-    monkeypatch.undo()
+    head = torch.nn.Linear(48, 80)
+    assert linears.timing([head], head=True) is not linears.timing([head]), "the head's ways are its own"
+    assert "linear" not in linears.timing([head], head=True).step
+    if linears.pack(torch.ones(2, 2)) is not None:
+        monkeypatch.setattr(linears, "available_bytes", lambda: 10**15)
+        assert "packed" in linears.timing([torch.nn.Linear(40, 24)]).step
     monkeypatch.setattr(linears, "available_bytes", lambda: 1000)
-    assert "packed" not in linears.timing([torch.nn.Linear(40, 24)]).step
+    assert "packed" not in linears.timing([torch.nn.Linear(40, 24)]).step, "no room: not even timed"
+    monkeypatch.setattr(linears, "timing", lambda layers, head=False: given)
+    copies = 3 * 80 * 48 * 4  # the plain and biased layers' weights and the head's, float32
+    monkeypatch.setattr(linears, "available_bytes", lambda: 2 * copies)
+    assert linears.ways(model, head, steps=128)[1:] == ("packed", "packed")
+    monkeypatch.setattr(linears, "available_bytes", lambda: 2 * copies - 1)
+    assert linears.ways(model, head, steps=128)[1:] == ("linear", "skinny"), "the copies together need more"
+
+
+def test_decode_linears_restore_layers_when_packing_fails_or_raises(monkeypatch) -> None:
+    """A failed packing (None: out of memory) computes x @ W.T and W @ x.T instead; an exception while
+    entering leaves no layer patched; a forward already set on a layer's instance (a hook's) is left alone."""
+    from rlcore_backends.rollout.hf import linears
+
+    model, head = _toy_model(), torch.nn.Linear(48, 300)
+    hook = model.biased.forward = functools.partial(torch.nn.Linear.forward, model.biased)
+    monkeypatch.setattr(linears, "choose", lambda layers, steps, head=False, packable=True: "packed")
+    monkeypatch.setattr(linears, "pack", lambda weight: None)
+    x, hidden = torch.randn(4, 48), torch.randn(3, 48)
+    with torch.no_grad(), linears.decode_linears(model, head, steps=64) as head_logits:
+        assert "forward" not in vars(model.plain) and vars(model.biased)["forward"] is hook
+        torch.testing.assert_close(model.plain(x), torch.nn.functional.linear(x, model.plain.weight))
+        torch.testing.assert_close(head_logits(hidden, torch.empty(300 * 3)), head(hidden).T)
+    calls = []
+
+    def failing(weight: torch.Tensor) -> torch.Tensor:
+        calls.append(weight)
+        if len(calls) == 2:  # the second of two plain layers
+            raise KeyboardInterrupt
+        return weight
+
+    monkeypatch.setattr(linears, "pack", failing)
+    del model.biased.forward
+    with pytest.raises(KeyboardInterrupt), linears.decode_linears(model, head, steps=64):
+        pass
+    assert len(calls) == 2 and not any("forward" in vars(layer) for layer in model.children())
 
 
 def test_column_max_is_amax_over_the_vocabulary() -> None:

@@ -35,7 +35,7 @@ class Sampler(LogitsProcessor):
     tensor per step instead of `output_logits`' [rows, vocab].
 
     `pick` takes the logits vocabulary-major ([vocab, rows], what `linears.HEAD` computes) and works in
-    place, so a decode step allocates nothing of the vocabulary's size.
+    place, so sampling allocates nothing of the vocabulary's size.
     """
 
     def __init__(self, temperature: float, top_p: float, eos_ids: Sequence[int] = (), min_new_tokens: int = 0

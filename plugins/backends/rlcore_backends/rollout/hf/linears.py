@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 DECODE_ROWS = 32
-"""Calls of at most this many rows (decode steps) take the chosen way; larger ones (prefill) `Linear`'s."""
+"""Calls of at most this many rows (tokens) take the chosen way, as decode steps are (and a prefill that
+short); larger ones take `Linear`'s."""
 PROBE_ROWS = (4, 13, 16)
 """Decode row counts at which `timing` times the ways (13 rows: an odd count, which some GEMM kernels handle
 much worse than a multiple of 8)."""
@@ -59,16 +60,19 @@ BODY: dict[str, Callable[[torch.nn.Linear, Tensor | None, Tensor], Tensor]] = {
 
 
 def _head_skinny(head: torch.nn.Linear, packed: Tensor | None, hidden: Tensor, out: Tensor) -> Tensor:
-    logits = torch.mm(head.weight, hidden.T, out=out[:head.weight.shape[0] * len(hidden)].view(-1, len(hidden)))
+    vocab = head.weight.shape[0]
+    logits = torch.mm(head.weight, hidden.T, out=out[:vocab * len(hidden)].view(vocab, -1))
     return logits if head.bias is None else logits.add_(head.bias[:, None])
 
 
 def _head_packed(head: torch.nn.Linear, packed: Tensor | None, hidden: Tensor, out: Tensor) -> Tensor:
-    logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, head.bias, "none", [], "")
+    logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, head.bias, "none", [], "")  # a fresh [rows, V]
     return out[:logits.numel()].view(logits.shape[1], -1).copy_(logits.T)
 
 
 def _head_other(head: torch.nn.Linear, hidden: Tensor, out: Tensor) -> Tensor:
+    if head.weight.dtype == torch.float32:  # a GPU's float32 head: W @ h.T into `out` as well
+        return _head_skinny(head, None, hidden, out)
     logits = torch.mm(head.weight, hidden.to(head.weight.dtype).T).float()
     return logits if head.bias is None else logits.add_(head.bias.float()[:, None])
 
@@ -110,20 +114,19 @@ _TIMINGS: dict[tuple[Any, ...], Timing] = {}
 def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
     """Each way's seconds per decode step over all of `layers` in turn (the LM head's ways with `head`), the
     best of 2 runs after a warm-up at each of `PROBE_ROWS`; measured once per process and set of layers'
-    shapes and count. `packed` is left out where oneDNN cannot pack here or memory is short (`room_to_pack`)."""
-    key = (head, len(layers), tuple(sorted({tuple(layer.weight.shape) for layer in layers})))
+    shapes and thread count. `packed` is left out where oneDNN cannot run here or memory is short
+    (`room_to_pack`; timed again once there is room)."""
+    room = room_to_pack(layers)
+    key = (head, tuple(sorted(tuple(layer.weight.shape) for layer in layers)), torch.get_num_threads(), room)
     if key in _TIMINGS:
         return _TIMINGS[key]
     generator = torch.Generator().manual_seed(0)
     inputs = {(layer.weight.shape[1], rows): torch.randn(rows, layer.weight.shape[1], generator=generator)
               for layer in layers for rows in PROBE_ROWS}
     start = time.perf_counter()
-    room = room_to_pack(layers)
     packed = [pack(layer.weight) if room else None for layer in layers]
     pack_seconds = time.perf_counter() - start
     ways: dict[str, Callable[..., Tensor]] = dict(HEAD if head else BODY)
-    if any(weight is None for weight in packed):
-        del ways["packed"]
     out = (torch.empty(max(layer.weight.shape[0] for layer in layers) * max(PROBE_ROWS)),) if head else ()
 
     def seconds(forward: Callable[..., Tensor]) -> float:
@@ -136,8 +139,17 @@ def timing(layers: Sequence[torch.nn.Linear], head: bool = False) -> Timing:
             runs.append(time.perf_counter() - start)
         return min(runs[1:]) / len(PROBE_ROWS)
 
+    step = {}
     with torch.no_grad():
-        _TIMINGS[key] = Timing({way: seconds(forward) for way, forward in ways.items()}, pack_seconds)
+        for way, forward in ways.items():
+            if way == "packed" and any(weight is None for weight in packed):
+                continue
+            try:
+                step[way] = seconds(forward)
+            except RuntimeError:  # a oneDNN build that reorders but cannot run this linear
+                if way != "packed":
+                    raise
+    _TIMINGS[key] = Timing(step, pack_seconds)
     return _TIMINGS[key]
 
 
@@ -166,10 +178,10 @@ def room_to_pack(layers: Sequence[torch.nn.Linear]) -> bool:
     return free is None or 2 * sum(layer.weight.nbytes for layer in layers) <= free
 
 
-def choose(layers: Sequence[torch.nn.Linear], steps: int, head: bool = False) -> str:
+def choose(layers: Sequence[torch.nn.Linear], steps: int, head: bool = False, packable: bool = True) -> str:
     """The way `layers` (the LM head with `head`) compute a decode of `steps` steps here (packed weights only
-    while there is `room_to_pack`)."""
-    return timing(layers, head).fastest(steps, "skinny" if head else "linear", room_to_pack(layers))
+    where `packable`)."""
+    return timing(layers, head).fastest(steps, "skinny" if head else "linear", packable)
 
 
 def _decode_call(forward: Callable[..., Tensor], layer: torch.nn.Linear, packed: Tensor | None, x: Tensor
@@ -185,15 +197,20 @@ def _head_call(forward: Callable[..., Tensor], head: torch.nn.Linear, packed: Te
 
 
 def _plain_cpu(layer: Any) -> bool:
-    return type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
+    """A float32 CPU `Linear` with its class's own forward (one set on the instance, a hook's, is left alone)."""
+    return (type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+            and layer.weight.device.type == "cpu" and "forward" not in vars(layer))
 
 
 def ways(model: Any, head: torch.nn.Linear, steps: int) -> tuple[list[torch.nn.Linear], str, str | None]:
     """The decoder's float32 CPU `Linear` layers, the way `choose` picks for them over `steps` steps, and the
-    LM head's (None where the head is not a float32 CPU `Linear`)."""
+    LM head's (None where the head is not a float32 CPU `Linear`); packed weights only where the layers' and
+    the head's copies together leave `room_to_pack`."""
     layers = [layer for layer in model.get_decoder().modules() if _plain_cpu(layer)]
-    return (layers, choose(layers, steps) if layers else "linear",
-            choose([head], steps, head=True) if _plain_cpu(head) else None)
+    plain_head = _plain_cpu(head)
+    packable = room_to_pack(layers + [head] if plain_head else layers)
+    return (layers, choose(layers, steps, packable=packable) if layers else "linear",
+            choose([head], steps, head=True, packable=packable) if plain_head else None)
 
 
 @contextlib.contextmanager
@@ -201,19 +218,23 @@ def decode_linears(model: Any, head: torch.nn.Linear, steps: int) -> Iterator[Ca
     """While inside, the decoder's float32 CPU `Linear` layers compute calls of at most `DECODE_ROWS` rows in
     the way `ways` picks for `steps` steps (weights packed on entry where that is `packed`); yields the LM
     head's function (hidden [rows, H], out) -> logits [V, rows], float32, written into `out` when the head is
-    a float32 CPU `Linear`. Other calls and layer kinds (`MatchedLinear`) compute as before; leaving restores
+    a float32 `Linear`. Other calls and layer kinds (`MatchedLinear`) compute as before; leaving restores
     every layer."""
     layers, way, head_way = ways(model, head, steps)
-    if way != "linear":
-        for layer in layers:
-            weight = pack(layer.weight) if way == "packed" else None
-            layer.forward = functools.partial(_decode_call, BODY[way], layer, weight)
+    weights = [pack(layer.weight) if way == "packed" else None for layer in layers]
+    if way == "packed" and any(weight is None for weight in weights):  # packing failed (memory): x @ W.T
+        way, weights = "linear", []
+    head_weight = pack(head.weight) if head_way == "packed" else None
+    if head_way == "packed" and head_weight is None:
+        head_way = "skinny"
+    patched = [] if way == "linear" else layers
     try:
+        for layer, weight in zip(patched, weights):
+            layer.forward = functools.partial(_decode_call, BODY[way], layer, weight)
         if head_way is None:
             yield functools.partial(_head_other, head)
         else:
-            packed = pack(head.weight) if head_way == "packed" else None
-            yield functools.partial(_head_call, HEAD[head_way], head, packed)
+            yield functools.partial(_head_call, HEAD[head_way], head, head_weight)
     finally:
-        for layer in layers:
+        for layer in patched:
             vars(layer).pop("forward", None)
