@@ -13,6 +13,8 @@ alternating for `--rounds` rounds (the update on fresh copies of the same starti
 - how a decode step runs the decoder's `Linear` layers: `x @ W.T` (`Linear`'s own GEMM, what it did first),
   `W @ x.T` (what it did next) and `packed` (oneDNN over weights reordered per decode, the LM head too)
   against the way `linears.decode_linears` measures fastest on this machine (what it does now);
+- how a decode step runs a Llama-family decoder: `transformers step` (its forward, what it did before)
+  against `reserved` (written out, `step.DecodeStep`, q/k/v and gate/up one GEMM each where packed);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
   padding costs more than a pass, `micro_batches.by_length`, what they do now);
@@ -48,6 +50,7 @@ from rlcore.plugins import instantiate, load  # noqa: E402
 from rlcore.testing import make_context  # noqa: E402
 from rlcore_backends.common import micro_batches  # noqa: E402
 from rlcore_backends.rollout.hf import decode, linears  # noqa: E402
+from rlcore_backends.rollout.hf import step as decode_step  # noqa: E402
 
 
 def main() -> None:
@@ -60,9 +63,9 @@ def main() -> None:
         rollout = instantiate(load("rollout", "hf"), {}, "rollout")
         rollout.setup(ctx=ctx)
         params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-        reserve, choose = decode.reserve, linears.choose
+        reserve, choose, supported = decode.reserve, linears.choose, decode_step.supported
         forced = {"x @ W.T": ("linear", "skinny"), "W @ x.T": ("skinny", "skinny"), "packed": ("packed", "packed")}
-        generation_ways = ["concatenating", *forced, "reserved"]
+        generation_ways = ["concatenating", *forced, "transformers step", "reserved"]
         decoded: dict[str, list[float]] = {way: [] for way in generation_ways}
         # the GEMM ways are probed once per process: here, so that no timed way pays for it
         chosen = linears.ways(rollout.model, rollout.model.get_output_embeddings(), args.max_new_tokens)[1:]
@@ -70,6 +73,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for way in generation_ways:
                 decode.reserve = (lambda cache, room: None) if way == "concatenating" else reserve
+                decode_step.supported = (lambda decoder: False) if way == "transformers step" else supported
                 body, lm_head = forced.get(way, (None, None))
                 linears.choose = choose if body is None else (
                     lambda layers, steps, head=False, packable=True, body=body, lm_head=lm_head:
@@ -77,7 +81,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
                 decoded[way].append(time.perf_counter() - t0)
-        decode.reserve, linears.choose = reserve, choose
+        decode.reserve, linears.choose, decode_step.supported = reserve, choose, supported
         batch = samples["reserved"]
         same_tokens = {way: torch.equal(batch.response_ids, samples[way].response_ids) for way in generation_ways}
         old_generation = statistics.median(decoded["concatenating"])
@@ -128,6 +132,10 @@ def main() -> None:
           f"{chosen[0]}, head {chosen[1]}) {generation:.2f} s; forced, against it: " + ", ".join(
               f"{way} {seconds:.2f} s ({seconds / generation:.2f}x; the same tokens: {same_tokens[way]})"
               for way, seconds in gemm_generation.items()))
+    old_step = statistics.median(decoded["transformers step"])
+    print(f"generation: decode steps through transformers' forward {old_step:.2f} s, written out {generation:.2f} s "
+          f"({old_step / generation:.2f}x; the same tokens: {same_tokens['transformers step']}); the step below "
+          f"{(old_step + med['in update']) / (generation + med['in update']):.2f}x faster for it")
     print(f"the step below is {(gemm_generation['x @ W.T'] + med['in update']) / (generation + med['in update']):.2f}x "
           "faster than with x @ W.T")
     print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")

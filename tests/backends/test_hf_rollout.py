@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+import transformers
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
@@ -287,6 +288,86 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         reserved.update(k, v)
 
 
+def _family_model(family: str) -> torch.nn.Module:
+    """A seeded random decoder of `family` with grouped-query attention (Qwen2: biased q, k and v; Qwen3: q
+    and k norms)."""
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("way", ["linear", "packed"])
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3"])
+def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, family: str, way: str) -> None:
+    """`DecodeStep`'s hidden state equals transformers' decoder forward for the same token, position, mask
+    and cache, step after step, over left-padded rows (one dropped midway), with the q/k/v and gate/up
+    groups packed together or computed one by one, and both caches hold the same keys."""
+    from rlcore_backends.rollout.hf import decode, linears, step
+
+    _force_way(monkeypatch, way)
+    model = _family_model(family)
+    decoder = model.get_decoder()
+    assert step.supported(decoder)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    mask = (ids != 0).long()
+    position = decode.position_ids(mask)[:, -1]
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            caches.append(transformers.DynamicCache(config=model.config))
+            decoder(input_ids=ids, attention_mask=mask, position_ids=decode.position_ids(mask),
+                    past_key_values=caches[-1], use_cache=True)
+            decode.reserve(caches[-1], 4)
+        with linears.decode_linears(model, model.lm_head, 64, step.groups(decoder)) as decode_linears:
+            packed_groups = [g.args[1] is not None for g in decode_linears.groups]
+            lean = step.DecodeStep(decoder, decode_linears.groups)
+            gen = torch.Generator().manual_seed(1)
+            for index in range(4):
+                if index == 2:
+                    keep = torch.tensor([0, 2])
+                    for cache in caches:
+                        cache.batch_select_indices(keep)
+                    mask, position = mask[keep], position[keep]
+                token = torch.randint(1, 40, (len(mask),), generator=gen)
+                mask, position = torch.cat([mask, mask.new_ones(len(mask), 1)], 1), position + 1
+                want = decode._transformers_step(decoder, token, position, mask, caches[0])
+                torch.testing.assert_close(lean(token, position, mask, caches[1]), want, atol=1e-5, rtol=1e-5)
+    assert all(packed_groups) == (way == "packed") and any(packed_groups) == (way == "packed")
+    for mine, theirs in zip(caches[1].layers, caches[0].layers):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_decoders_decode_step_does_not_know_take_transformers_forward(monkeypatch) -> None:
+    """Sliding-window layers or another family are left to transformers' forward, and `decode` over the
+    tiny model samples the same greedy tokens through either step."""
+    from rlcore_backends.common.matched import match
+    from rlcore_backends.rollout.hf import decode, step
+
+    config = transformers.Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                      sliding_window=4, max_window_layers=0)
+    assert not step.supported(transformers.Qwen2ForCausalLM(config).get_decoder())
+    mistral = transformers.MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    assert not step.supported(transformers.MistralForCausalLM(mistral).get_decoder())
+    matched = _family_model("Qwen2")
+    match(matched)  # bfloat16_matched: its own attention
+    assert not step.supported(matched.get_decoder())
+    model = _family_model("Qwen2")
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (ids != 0).long()
+    runs = []
+    for lean in (True, False):
+        if not lean:
+            monkeypatch.setattr(step, "supported", lambda decoder: False)
+        sampler = decode.Sampler(0.0, 1.0)
+        runs.append(decode.decode(model, model.lm_head, ids, mask, sampler, 6, [], None))
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]] and len(runs[0][0].token_ids) == 6
+    torch.testing.assert_close([c.logprobs for c in runs[0]], [c.logprobs for c in runs[1]], atol=1e-5, rtol=0)
+
+
 def _toy_model() -> torch.nn.Module:
     from rlcore_backends.common.matched import MatchedLinear
 
@@ -315,7 +396,8 @@ def test_decode_linears_compute_what_linear_computes_and_leave_other_layers_alon
     buffer = torch.full((300 * 8,), float("nan"))
     with torch.no_grad():
         want = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
-        with linears.decode_linears(model, head, steps=64) as head_logits:
+        with linears.decode_linears(model, head, steps=64) as decode_linears:
+            head_logits = decode_linears.head_logits
             assert ("forward" in vars(model.plain)) == (way != "linear") and "forward" not in vars(model.matched)
             got = {name: [layer(x) for x in inputs] for name, layer in model.named_children()}
             logits = head_logits(hidden, buffer)
@@ -331,6 +413,33 @@ def test_decode_linears_compute_what_linear_computes_and_leave_other_layers_alon
     torch.testing.assert_close(logits, head(hidden).T, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wide, head(many_rows).T, atol=1e-5, rtol=1e-5)
     assert not any("forward" in vars(layer) for layer in model.children())
+
+
+@pytest.mark.parametrize("way", ["linear", "skinny", "packed"])
+def test_decode_linears_groups_compute_each_layers_output(monkeypatch, way: str) -> None:
+    """A group of layers that take the same input yields each layer's output: packed, as one GEMM over their
+    weights packed together (biases too, zeros for a layer without), its members left unpatched for calls of
+    more rows; a group holding a `MatchedLinear` computes one by one; a failed packing computes x @ W.T."""
+    from rlcore_backends.rollout.hf import linears
+
+    _force_way(monkeypatch, way)
+    model, head = _toy_model(), torch.nn.Linear(48, 300)
+    groups = [[model.plain, model.biased], [model.biased, model.matched]]
+    few, many = torch.randn(5, 48), torch.randn(linears.DECODE_ROWS + 1, 48)
+    with torch.no_grad():
+        want = [[layer(x) for layer in group] for group in groups for x in (few, many)]
+        with linears.decode_linears(model, head, steps=64, groups=groups) as decode_linears:
+            fused = [call.args[1] is not None for call in decode_linears.groups]
+            patched = "forward" in vars(model.plain)
+            got = [list(call(x)) for call in decode_linears.groups for x in (few, many)]
+        monkeypatch.setattr(linears, "pack", lambda weight: None)
+        with linears.decode_linears(model, head, steps=64, groups=groups) as decode_linears:
+            failed = [list(call(few)) for call in decode_linears.groups]
+    assert fused == [way == "packed", False] and patched == (way == "skinny")
+    for mine, theirs in zip(got + failed, want + want[::2]):
+        assert [t.shape for t in mine] == [t.shape for t in theirs]
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_linears_way_is_measured_once_and_packing_must_pay_for_itself(monkeypatch) -> None:
@@ -377,10 +486,10 @@ def test_decode_linears_restore_layers_when_packing_fails_or_raises(monkeypatch)
     monkeypatch.setattr(linears, "choose", lambda layers, steps, head=False, packable=True: "packed")
     monkeypatch.setattr(linears, "pack", lambda weight: None)
     x, hidden = torch.randn(4, 48), torch.randn(3, 48)
-    with torch.no_grad(), linears.decode_linears(model, head, steps=64) as head_logits:
+    with torch.no_grad(), linears.decode_linears(model, head, steps=64) as decode_linears:
         assert "forward" not in vars(model.plain) and vars(model.biased)["forward"] is hook
         torch.testing.assert_close(model.plain(x), torch.nn.functional.linear(x, model.plain.weight))
-        torch.testing.assert_close(head_logits(hidden, torch.empty(300 * 3)), head(hidden).T)
+        torch.testing.assert_close(decode_linears.head_logits(hidden, torch.empty(300 * 3)), head(hidden).T)
     calls = []
 
     def failing(weight: torch.Tensor) -> torch.Tensor:

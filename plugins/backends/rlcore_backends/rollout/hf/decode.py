@@ -4,11 +4,13 @@
 `DynamicCache` whose layers write each step in place (`ReservedLayer`) and applies the LM head itself, so it
 skips what transformers' `generate` does per step for features rlcore does not use. It prefills each distinct
 prompt once (a group's n samples share one prompt), computes the LM head only at the last position, drops
-finished rows from the batch and the cache, and runs the decode steps' GEMMs in the way `linears` measured
-fastest on this machine. Other models (vision-language ones) go through `generate` with the same `Sampler`."""
+finished rows from the batch and the cache, runs the decode steps' GEMMs in the way `linears` measured
+fastest on this machine, and runs a Llama-family decoder's decode steps written out (`step`). Other models
+(vision-language ones) go through `generate` with the same `Sampler`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlcore_backends.rollout.engine import Completion
 from rlcore_backends.common.logprobs import distinct_rows, position_ids
+from rlcore_backends.rollout.hf import step
 from rlcore_backends.rollout.hf.linears import decode_linears
 
 
@@ -206,18 +209,26 @@ def decode(model: Any, head: torch.nn.Linear, input_ids: Tensor, mask: Tensor, s
     """One completion of up to `max_new_tokens` tokens per left-padded row of `input_ids` (`mask` marks
     the real tokens), ending at its first EOS (kept) or stop string. Identical prompt rows are prefilled once
     and their cache copied; a finished row leaves the batch and the cache; decode steps run their `Linear`
-    layers and LM head in the way `linears.decode_linears` measured fastest here."""
-    with decode_linears(model, head, max_new_tokens) as head_logits:
-        return _decode(model, head.weight.shape[0], head_logits, input_ids, mask, sampler, max_new_tokens, eos_ids,
-                       stops)
-
-
-def _decode(model: Any, vocab: int, head_logits: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor,
-            mask: Tensor, sampler: Sampler, max_new_tokens: int, eos_ids: Sequence[int], stops: StopStrings | None
-            ) -> list[Completion]:
-    rows = input_ids.shape[0]
+    layers and LM head in the way `linears.decode_linears` measured fastest here, and for a Llama-family decoder
+    through `step.DecodeStep` (transformers' forward for others)."""
     decoder = model.get_decoder()
-    cache = DynamicCache(config=model.config)
+    lean = step.supported(decoder)
+    with decode_linears(model, head, max_new_tokens, step.groups(decoder) if lean else ()) as linears:
+        forward = step.DecodeStep(decoder, linears.groups) if lean else functools.partial(_transformers_step, decoder)
+        return _decode(decoder, forward, head.weight.shape[0], linears.head_logits, input_ids, mask, sampler,
+                       max_new_tokens, eos_ids, stops)
+
+
+def _transformers_step(decoder: Any, token: Tensor, position: Tensor, mask: Tensor, cache: DynamicCache) -> Tensor:
+    return decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], past_key_values=cache,
+                   use_cache=True).last_hidden_state[:, -1]
+
+
+def _decode(decoder: Any, forward: Callable[[Tensor, Tensor, Tensor, DynamicCache], Tensor], vocab: int,
+            head_logits: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, mask: Tensor, sampler: Sampler,
+            max_new_tokens: int, eos_ids: Sequence[int], stops: StopStrings | None) -> list[Completion]:
+    rows = input_ids.shape[0]
+    cache = DynamicCache(config=decoder.config)
     first, inverse = distinct_rows(input_ids, mask)
     positions = position_ids(mask)
     hidden = decoder(input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first],
@@ -257,8 +268,6 @@ def _decode(model: Any, vocab: int, head_logits: Callable[[Tensor, Tensor], Tens
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         position = position + 1
-        hidden = decoder(input_ids=token[:, None].to(mask.device), attention_mask=mask,
-                         position_ids=position[:, None], past_key_values=cache,
-                         use_cache=True).last_hidden_state[:, -1]
+        hidden = forward(token.to(mask.device), position, mask, cache)
     return [Completion(tokens[i, :lengths[i]].tolist(), logprobs[i, :lengths[i]].tolist(), reasons[i])
             for i in range(rows)]

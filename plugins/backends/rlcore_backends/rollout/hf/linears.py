@@ -213,28 +213,63 @@ def ways(model: Any, head: torch.nn.Linear, steps: int) -> tuple[list[torch.nn.L
             choose([head], steps, head=True, packable=packable) if plain_head else None)
 
 
+def _group_call(layers: Sequence[torch.nn.Linear], packed: Tensor | None, bias: Tensor | None, x: Tensor
+                ) -> tuple[Tensor, ...]:
+    if packed is None or x.numel() > DECODE_ROWS * x.shape[-1]:
+        return tuple(layer(x) for layer in layers)
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out.split([layer.weight.shape[0] for layer in layers], -1)
+
+
+def _pack_group(layers: Sequence[torch.nn.Linear]) -> tuple[Tensor | None, Tensor | None]:
+    """The group's weights packed as one (None where packing fails), and their biases as one (zeros for a layer
+    without; None where none has one)."""
+    packed = pack(torch.cat([layer.weight for layer in layers]))
+    if all(layer.bias is None for layer in layers):
+        return packed, None
+    return packed, torch.cat([layer.weight.new_zeros(layer.weight.shape[0]) if layer.bias is None else layer.bias
+                              for layer in layers])
+
+
+@dataclass(frozen=True)
+class DecodeLinears:
+    """What `decode_linears` yields: the LM head's function (hidden [rows, H], out) -> logits [V, rows], and
+    one function per group given, x [rows, in] -> each of the group's layers' outputs."""
+
+    head_logits: Callable[[Tensor, Tensor], Tensor]
+    groups: list[Callable[[Tensor], tuple[Tensor, ...]]]
+
+
 @contextlib.contextmanager
-def decode_linears(model: Any, head: torch.nn.Linear, steps: int) -> Iterator[Callable[[Tensor, Tensor], Tensor]]:
+def decode_linears(model: Any, head: torch.nn.Linear, steps: int,
+                   groups: Sequence[Sequence[torch.nn.Linear]] = ()) -> Iterator[DecodeLinears]:
     """While inside, the decoder's float32 CPU `Linear` layers compute calls of at most `DECODE_ROWS` rows in
-    the way `ways` picks for `steps` steps (weights packed on entry where that is `packed`); yields the LM
-    head's function (hidden [rows, H], out) -> logits [V, rows], float32, written into `out` when the head is
-    a float32 `Linear`. Other calls and layer kinds (`MatchedLinear`) compute as before; leaving restores
-    every layer."""
+    the way `ways` picks for `steps` steps (weights packed on entry where that is `packed`). `groups` are sets
+    of layers that take the same input (a decoder layer's q, k and v projections): where the way is `packed`
+    and all of a set are float32 CPU `Linear`s, their weights are packed together and a decode-sized call is
+    one wider GEMM instead of several; otherwise its layers compute one by one. The LM head's function writes
+    its float32 logits into `out` when the head is a float32 `Linear`. Other calls and layer kinds
+    (`MatchedLinear`) compute as before; leaving restores every layer."""
     layers, way, head_way = ways(model, head, steps)
-    weights = [pack(layer.weight) if way == "packed" else None for layer in layers]
-    if way == "packed" and any(weight is None for weight in weights):  # packing failed (memory): x @ W.T
-        way, weights = "linear", []
+    fused = [way == "packed" and all(_plain_cpu(layer) for layer in group) for group in groups]
+    members = {id(layer) for group, together in zip(groups, fused) if together for layer in group}
+    alone = [layer for layer in layers if id(layer) not in members]
+    weights = [pack(layer.weight) if way == "packed" else None for layer in alone]
+    group_weights = [_pack_group(group) if together else (None, None) for group, together in zip(groups, fused)]
+    if way == "packed" and (any(weight is None for weight in weights) or any(
+            together and weight is None for together, (weight, _) in zip(fused, group_weights))):
+        way, weights, group_weights = "linear", [], [(None, None)] * len(groups)  # packing failed (memory)
     head_weight = pack(head.weight) if head_way == "packed" else None
     if head_way == "packed" and head_weight is None:
         head_way = "skinny"
-    patched = [] if way == "linear" else layers
+    patched = [] if way == "linear" else alone
     try:
         for layer, weight in zip(patched, weights):
             layer.forward = functools.partial(_decode_call, BODY[way], layer, weight)
-        if head_way is None:
-            yield functools.partial(_head_other, head)
-        else:
-            yield functools.partial(_head_call, HEAD[head_way], head, head_weight)
+        head_logits = (functools.partial(_head_other, head) if head_way is None
+                       else functools.partial(_head_call, HEAD[head_way], head, head_weight))
+        yield DecodeLinears(head_logits, [functools.partial(_group_call, group, weight, bias)
+                                          for group, (weight, bias) in zip(groups, group_weights)])
     finally:
         for layer in patched:
             vars(layer).pop("forward", None)
