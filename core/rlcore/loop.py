@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from rlcore import models, preflight
+from rlcore import host_memory, models, preflight
 from rlcore.checkpoint import Checkpoints, load_rng, save_rng
 from rlcore.context import Hardware, RunContext
 from rlcore.contract import Contract
@@ -158,6 +158,8 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         """Seed, resolve the model, set every plugin up, and restore the newest complete checkpoint if resuming."""
         t = self.cfg.trainer
+        if t.keep_freed_memory:
+            host_memory.keep_freed_memory()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._choose_checkpoint() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)

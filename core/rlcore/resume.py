@@ -21,7 +21,8 @@ from rlcore.run_config import ResolvedConfig
 CORE_RESUMABLE: dict[str, frozenset[str]] = {
     "trainer": frozenset({"steps", "save_every", "keep_checkpoints", "log_every", "log_mismatch", "eval_every",
                           "eval_limit", "eval_samples", "eval_temperature", "max_resample_rounds",
-                          "max_reward_error_steps", "log_to", "generations_every", "generations_samples"}),
+                          "max_reward_error_steps", "log_to", "generations_every", "generations_samples",
+                          "keep_freed_memory"}),
     "sampling": frozenset({"max_new_tokens"}),
 }
 """The core's options that may change on resume (see the module docstring)."""
