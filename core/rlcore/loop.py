@@ -158,11 +158,11 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         """Seed, resolve the model, set every plugin up, and restore the newest complete checkpoint if resuming."""
         t = self.cfg.trainer
-        if t.keep_freed_memory:
-            host_memory.keep_freed_memory()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._choose_checkpoint() if resume else None
         ctx = make_context(self.cfg, self.registry, self.run_dir, resumed=ckpt is not None)
+        if t.keep_freed_memory and ctx.hardware.device().type == "cpu":
+            host_memory.keep_freed_memory()
         preflight.check_run(self.cfg, models.read_config(ctx.model.path))
         fit = prompt_fit(ctx, self.cfg.sampling.max_new_tokens)  # before any worker starts: max_new_tokens fits
         for key in self.registry.keys():

@@ -66,9 +66,10 @@ class TrainerOptions:
     generations_samples: int = attrs.field(default=4, validator=check_range(1))
     """Samples per generation table, spread evenly over the step's batch."""
     keep_freed_memory: bool = True
-    """Keep the host memory the process frees for its next allocations (glibc's malloc: no fresh mapping per
-    large tensor, the heap given back only above 2 GiB free), so that a CPU step's large tensors do not pay
-    their page faults again every step; the process's memory then stays near its peak. glibc Linux only."""
+    """On a CPU, keep the host memory the process frees for its next allocations (glibc's malloc: no fresh
+    mapping per large tensor, the heap's free top given back only above 2 GiB), so that a step's large tensors
+    do not pay their page faults again every step; the process's memory then stays near its peak, for the
+    rest of the process. glibc Linux only."""
     max_staleness: int = attrs.field(default=0, validator=check_range(0))
     """Asynchronous RL: the batch of step j is sampled with the weights after step j - k (k = this) while the
     trainer trains earlier steps, so no sample is more than k policy versions old (0: synchronous, sample

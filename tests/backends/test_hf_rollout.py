@@ -288,22 +288,33 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         reserved.update(k, v)
 
 
+FAMILIES = {"Llama": {}, "Qwen2": {}, "Qwen3": {},
+            "Llama, biased, llama3 rope": {"attention_bias": True, "mlp_bias": True, "rope_parameters": {
+                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}}
+"""Decoder families `DecodeStep` runs, with configurations that exercise its parts."""
+
+
 def _family_model(family: str) -> torch.nn.Module:
-    """A seeded random decoder of `family` with grouped-query attention (Qwen2: biased q, k and v; Qwen3: q
-    and k norms)."""
-    config = getattr(transformers, f"{family}Config")(
+    """A seeded random decoder of `family` (a `FAMILIES` key) with grouped-query attention and a head size
+    that is not hidden / heads (Qwen2: biased q, k and v; Qwen3: q and k norms)."""
+    kind = family.split(",")[0]
+    config = getattr(transformers, f"{kind}Config")(
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, **FAMILIES[family])
     torch.manual_seed(0)
-    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("way", ["linear", "packed"])
-@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3"])
-def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, family: str, way: str) -> None:
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, family: str, way: str,
+                                                                padded: bool) -> None:
     """`DecodeStep`'s hidden state equals transformers' decoder forward for the same token, position, mask
-    and cache, step after step, over left-padded rows (one dropped midway), with the q/k/v and gate/up
-    groups packed together or computed one by one, and both caches hold the same keys."""
+    and cache, step after step, over left-padded rows or none (transformers then passes no mask), one row
+    dropped midway, with the q/k/v and gate/up groups packed together or computed one by one, and both
+    caches hold the same keys."""
     from rlcore_backends.rollout.hf import decode, linears, step
 
     _force_way(monkeypatch, way)
@@ -311,6 +322,8 @@ def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, fa
     decoder = model.get_decoder()
     assert step.supported(decoder)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    if not padded:
+        ids[ids == 0] = 3
     mask = (ids != 0).long()
     position = decode.position_ids(mask)[:, -1]
     caches = []
@@ -340,8 +353,8 @@ def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, fa
 
 
 def test_decoders_decode_step_does_not_know_take_transformers_forward(monkeypatch) -> None:
-    """Sliding-window layers or another family are left to transformers' forward, and `decode` over the
-    tiny model samples the same greedy tokens through either step."""
+    """Sliding-window layers, another family, eager or matched attention and hooks are left to transformers'
+    forward, and `decode` samples the same greedy tokens through either step."""
     from rlcore_backends.common.matched import match
     from rlcore_backends.rollout.hf import decode, step
 
@@ -355,6 +368,14 @@ def test_decoders_decode_step_does_not_know_take_transformers_forward(monkeypatc
     matched = _family_model("Qwen2")
     match(matched)  # bfloat16_matched: its own attention
     assert not step.supported(matched.get_decoder())
+    eager = _family_model("Llama")
+    eager.set_attn_implementation("eager")
+    assert not step.supported(eager.get_decoder()), "eager rounds differently in bfloat16"
+    hooked = _family_model("Qwen3")
+    handle = hooked.get_decoder().layers[1].mlp.register_forward_hook(lambda module, args, out: out * 2)
+    assert not step.supported(hooked.get_decoder()), "DecodeStep would skip the hook"
+    handle.remove()
+    assert step.supported(hooked.get_decoder())
     model = _family_model("Qwen2")
     ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
     mask = (ids != 0).long()

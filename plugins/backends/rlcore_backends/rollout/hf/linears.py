@@ -224,7 +224,10 @@ def _group_call(layers: Sequence[torch.nn.Linear], packed: Tensor | None, bias: 
 def _pack_group(layers: Sequence[torch.nn.Linear]) -> tuple[Tensor | None, Tensor | None]:
     """The group's weights packed as one (None where packing fails), and their biases as one (zeros for a layer
     without; None where none has one)."""
-    packed = pack(torch.cat([layer.weight for layer in layers]))
+    try:
+        packed = pack(torch.cat([layer.weight for layer in layers]))
+    except RuntimeError:  # no memory for the concatenation
+        return None, None
     if all(layer.bias is None for layer in layers):
         return packed, None
     return packed, torch.cat([layer.weight.new_zeros(layer.weight.shape[0]) if layer.bias is None else layer.bias
@@ -251,7 +254,8 @@ def decode_linears(model: Any, head: torch.nn.Linear, steps: int,
     its float32 logits into `out` when the head is a float32 `Linear`. Other calls and layer kinds
     (`MatchedLinear`) compute as before; leaving restores every layer."""
     layers, way, head_way = ways(model, head, steps)
-    fused = [way == "packed" and all(_plain_cpu(layer) for layer in group) for group in groups]
+    fused = [way == "packed" and all(_plain_cpu(layer) and not (layer._forward_hooks or layer._forward_pre_hooks)
+                                     for layer in group) for group in groups]  # a fused GEMM runs no hooks
     members = {id(layer) for group, together in zip(groups, fused) if together for layer in group}
     alone = [layer for layer in layers if id(layer) not in members]
     weights = [pack(layer.weight) if way == "packed" else None for layer in alone]

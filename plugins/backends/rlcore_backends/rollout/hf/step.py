@@ -4,10 +4,11 @@ Per step, transformers' decoder forward builds the attention mask and position e
 machinery and dispatches attention through its interface, layer by layer: on a CPU that is a tenth of a
 SmolLM2 decode step. `DecodeStep` computes the same thing for one new token per row over the decode's cache:
 the model's own modules (embedding, norms, rotary embedding, activation) and `Linear` layers, the model
-module's `apply_rotary_pos_emb`, and attention as transformers' SDPA path computes a single query (the query
-heads of one key/value head packed together). Each layer's q, k and v projections (and gate and up) go through
-one `linears.DecodeLinears` group, so where weights are packed each is one GEMM. Other decoders (sliding
-windows, other families, `bfloat16_matched`'s own attention) take transformers' forward."""
+module's `apply_rotary_pos_emb`, and attention as transformers' SDPA path computes a single query under a mask
+(the query heads of one key/value head packed together; without padding transformers passes no mask and
+`enable_gqa` instead: the same values to float rounding). Each layer's q, k and v projections (and gate and up) go through one
+`linears.DecodeLinears` group, so where weights are packed each is one GEMM. Other decoders (sliding windows,
+eager attention, `bfloat16_matched`'s own attention, hooks) take transformers' forward."""
 
 from __future__ import annotations
 
@@ -24,14 +25,27 @@ FAMILIES = {"LlamaModel": "LlamaDecoderLayer", "Qwen2Model": "Qwen2DecoderLayer"
 
 
 def supported(decoder: Any) -> bool:
-    """Whether `DecodeStep` computes what `decoder`'s forward does: a listed family with only its own layer
-    class, every layer's attention full (no sliding window) and in transformers' SDPA or eager form."""
+    """Whether `DecodeStep` computes what `decoder`'s forward does: a transformers decoder of a listed family
+    with only its own layer class (as many as the config says), every layer's attention full (no sliding
+    window) and in SDPA form (eager rounds differently in bfloat16), and no module it replaces carrying a
+    hook or a forward of its own."""
     layer_kind = FAMILIES.get(type(decoder).__name__)
     layers = getattr(decoder, "layers", ())
-    return (layer_kind is not None and len(layers) > 0
-            and getattr(decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
+    config = decoder.config
+    return (layer_kind is not None and type(decoder).__module__.startswith("transformers.models.")
+            and 0 < len(layers) == getattr(config, "num_hidden_layers", -1)
+            and getattr(config, "_attn_implementation", None) == "sdpa"
             and all(type(layer).__name__ == layer_kind and getattr(layer.self_attn, "sliding_window", None) is None
-                    for layer in layers))
+                    for layer in layers)
+            and not _hooked([decoder, *layers, *(m for layer in layers for m in (layer.self_attn, layer.mlp))]))
+
+
+def _hooked(modules: Sequence[torch.nn.Module]) -> bool:
+    """Whether a forward hook (global or a module's) or an instance `forward` would run in these modules'
+    forward, which `DecodeStep` does not call."""
+    hooks = torch.nn.modules.module
+    return (bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules))
 
 
 def groups(decoder: Any) -> list[list[torch.nn.Linear]]:
