@@ -81,6 +81,8 @@ class SandboxCgroup:
         self.dirs = dirs
         self.peaks: dict[str, int | None] = {}
         """The high-water marks when it was removed (see `peak`)."""
+        self.oom_killed = False
+        """Whether the kernel killed a process in it for memory (known after `remove`)."""
 
     @property
     def procs(self) -> list[str]:
@@ -103,6 +105,17 @@ class SandboxCgroup:
                     return int(_read(d / f) or 0)
         return None
 
+    def oom_kills(self) -> int:
+        """Processes the kernel killed in it for memory: `oom_kill` of v2's memory.events or v1's
+        memory.oom_control (0 where neither counts them)."""
+        for d in self.dirs:
+            for f in ("memory.events", "memory.oom_control"):
+                for line in _read(d / f).splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and value.strip().isdigit():
+                        return int(value)
+        return 0
+
     def remove(self) -> None:
         """Kill what is left in it and remove it (a leftover directory is logged, never raised)."""
         kill = next((d / "cgroup.kill" for d in self.dirs if (d / "cgroup.kill").exists()), None)
@@ -120,6 +133,7 @@ class SandboxCgroup:
                 break
             time.sleep(0.005)
         self.peaks = {name: self.peak(name) for name in ("memory", "pids")}
+        self.oom_killed = self.oom_kills() > 0
         for d in self.dirs:
             try:
                 d.rmdir()

@@ -77,6 +77,9 @@ EXIT_GRACE_S = 1.0
 SANDBOX_PIDS = 2
 """Processes bwrap itself keeps in a sandbox (its own and the pid namespace's init)."""
 READY = b"R"
+OOM_EXIT = 137
+"""The exit code of a run in which the kernel killed a process for memory and the first one still exited 0
+(128 + SIGKILL, as a shell reports a killed process)."""
 
 
 class SandboxError(RLCoreError):
@@ -278,6 +281,11 @@ class BwrapSandbox:
                 cgroup.remove()
         seconds = time.perf_counter() - start
         out, err = (streams.data[fd].decode("utf-8", "replace") for fd in (out_r, err_r))
+        if cgroup is not None and cgroup.oom_killed and exit_code == 0:
+            # a process of the program was killed for memory (cgroup v1 kills one, not the group): it did not
+            # run as written, whatever its first process returned
+            exit_code = OOM_EXIT
+            err += f"\nsandbox: a process was killed for memory (memory_mb={limits.memory_mb})\n"
         if streams.data[ready_r] != READY:
             raise SandboxError(f"the sandbox did not start (bwrap exit {proc.returncode}): {err.strip()[:2000]}")
         return RunResult(exit_code=exit_code, stdout=out, stderr=err, seconds=seconds,
