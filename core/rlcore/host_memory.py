@@ -35,8 +35,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve every allocation from its heap (no mmap per large tensor) and trim the heap
-    only above `TRIM_THRESHOLD` free; once per process. False where the C library is not glibc or refused."""
+    """Make glibc's malloc serve the main arena's allocations from its heap (no mmap per large tensor) and trim
+    the heap only above `TRIM_THRESHOLD` free; once per process. False where the C library is not glibc or
+    refused."""
     global _kept
     if _kept:
         return True

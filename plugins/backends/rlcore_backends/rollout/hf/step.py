@@ -6,9 +6,9 @@ SmolLM2 decode step. `DecodeStep` computes the same thing for one new token per 
 the model's own modules (embedding, norms, rotary embedding, activation) and `Linear` layers, the model
 module's `apply_rotary_pos_emb`, and attention as transformers' SDPA path computes a single query under a mask
 (the query heads of one key/value head packed together; without padding transformers passes no mask and
-`enable_gqa` instead: the same values to float rounding). Each layer's q, k and v projections (and gate and up) go through one
-`linears.DecodeLinears` group, so where weights are packed each is one GEMM. Other decoders (sliding windows,
-eager attention, `bfloat16_matched`'s own attention, hooks) take transformers' forward."""
+`enable_gqa` instead: the same values to float rounding). Each layer's q, k and v projections (and gate and
+up) go through one `linears.DecodeLinears` group, so where weights are packed each is one GEMM. Other decoders
+(sliding windows, eager attention, `bfloat16_matched`'s own attention, hooks) take transformers' forward."""
 
 from __future__ import annotations
 
