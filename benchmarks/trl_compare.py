@@ -146,6 +146,8 @@ def report(args: argparse.Namespace, model: dict[str, Any], peaks: list[dict[str
     add(f"workload: {args.task}, {args.prompts} prompts x {args.group} completions x {args.tokens} tokens (fixed length), "
         f"~{prompt_tokens:.0f} prompt tokens each, lr {args.lr:g}, rlcore {args.rlcore_dtype or args.dtype}, "
         f"TRL {args.dtype}, no KL (beta 0), no reference model, 1 optimizer step per generation batch")
+    add(f"precision: rlcore {'at' if args.rlcore_dtype == 'auto' else 'not at'} its default (dtype auto), TRL "
+        f"{'at' if args.dtype == 'bfloat16' else 'not at'} its default (GRPOConfig bf16=True, autocast)")
     add(f"schedule: {args.rounds} rounds, each rlcore then TRL, every run {args.warmup} warm-up + {args.steps} timed "
         f"steps in its own process (rlcore {rl['timed_steps']}, TRL {tr['timed_steps']} timed steps)")
     rv, tv = rl_runs[0]["versions"], tr_runs[0]["versions"]
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rlcore's rollout engine (vllm: run this script with an interpreter that has "
                              "rlcore-backends[vllm]; TRL still generates with transformers)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of both sides (rlcore backend.dtype; TRL bf16)")
+                        help="compute dtype of both sides (rlcore backend.dtype; TRL bf16); TRL's default is bfloat16 "
+                             "(GRPOConfig's bf16=True), rlcore's is --rlcore-dtype auto")
     parser.add_argument("--rlcore-dtype", choices=("auto", "float32", "bfloat16", "bfloat16_matched"), default=None,
                         help="rlcore's dtype (backend and hf rollout) where it differs from TRL's --dtype; auto: "
                              "rlcore's default, the measured choice")

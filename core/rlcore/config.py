@@ -188,11 +188,11 @@ def check_choice(*choices: Any) -> Any:
     return validate
 
 
-def check_range(low: float | None = None, high: float | None = None) -> Any:
+def check_range(low: float | None = None, high: float | None = None, auto: bool = False) -> Any:
     """An attrs validator for a finite number within [low, high] (NaN and infinities never pass), naming the
-    field on failure."""
+    field on failure; None passes, and "auto" too where `auto`."""
     def validate(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is None:
+        if value is None or (auto and value == "auto"):
             return
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{attribute.name}={value!r} must be a finite number")

@@ -61,7 +61,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type_name(tp: Any) -> str:
-    """A type as written in an annotation (`float | None`, `list[str]`)."""
+    """A type as written in an annotation (`float | None`, `list[str]`, `float | Literal['auto'] | None`)."""
+    if typing.get_origin(tp) is typing.Union:
+        return " | ".join("None" if arg is type(None) else _type_name(arg) for arg in typing.get_args(tp))
     if typing.get_origin(tp) is not None or not hasattr(tp, "__name__"):
         return str(tp).replace("typing.", "").replace("NoneType", "None")
     return tp.__name__

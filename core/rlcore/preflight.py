@@ -17,6 +17,7 @@ from rlcore.config import build_options, merge
 from rlcore.errors import ConfigError, PluginError, RLCoreError
 from rlcore.plugins import SELECTED_KINDS, Registry, construct, options_class
 from rlcore.run_config import ResolvedConfig, resolve
+from rlcore.toolkit.tis import settle_tis_cap
 
 
 def local_registry(cfg: ResolvedConfig) -> Registry:
@@ -48,12 +49,15 @@ def problems(cfg: ResolvedConfig, model_config: Any) -> list[str]:
 
 
 def settle(cfg: ResolvedConfig, model_config: Any) -> ResolvedConfig:
-    """`cfg` with the values the selected plugins' `settle_options` put in place of their `auto` options
-    (validated again), or `cfg` itself when none answers."""
+    """`cfg` with the values the selected plugins' `settle_options` put in place of their `auto` options, then
+    `algo.tis_cap: auto` decided by the two sides' settled precisions (validated again), or `cfg` itself when
+    nothing was `auto`."""
     answers = local_registry(cfg).hook.settle_options(config=cfg.to_dict(), model_config=model_config)
     changes: dict[str, Any] = {}
     for answer in answers:
         changes = merge(changes, answer or {})
+    if (cfg.to_dict().get("algo") or {}).get("tis_cap") == "auto":  # decided by the sides' settled precisions
+        changes = merge(changes, {"algo": {"tis_cap": settle_tis_cap(merge(cfg.to_dict(), changes))}})
     return resolve(merge(cfg.to_dict(), changes)) if changes else cfg
 
 

@@ -62,6 +62,7 @@ def test_rlcore_plugins_kind_name_prints_the_options():
     i = lines.index("  clip_high: float = 0.2")  # declared in rlcore.toolkit.ClipOptions, grpo's base
     assert "Ratios above 1 + clip_high are clipped" in lines[i + 1]
     assert "  kl_target: float | None = null" in lines
+    assert "  tis_cap: float | Literal['auto'] | None = auto" in lines  # a union with a literal, as annotated
 
 
 def test_rlcore_plugins_markdown_is_the_readme_table():

@@ -101,12 +101,19 @@ def test_a_generated_dataset_is_checked_as_prompts_are_drawn(tmp_path):
 
 def test_a_rollout_in_another_precision_without_importance_correction_is_warned_about(tmp_path, caplog):
     """The rollout samples from another policy than the trainer scores, measured, and the loss could correct
-    for it: one warning naming the gap and the fix."""
+    for it but was told not to: one warning naming the gap and the fix. By default (`tis_cap: auto`) such a
+    run corrects for it: config.yaml says 2.0 and the update reports its importance weights."""
     def warned(*args):
         caplog.clear()
         assert run("--steps", 1, *SMALL, *args).exit_code == 0
         return "differ from the trainer's by" in caplog.text and "set algo.tis_cap=2" in caplog.text
 
+    bf16 = ["--set", "rollout.dtype=bfloat16", "--set", "backend.dtype=float32"]
     assert not warned("--run-dir", tmp_path / "same")  # float32 on both sides: ~1e-7 nats
-    assert warned("--run-dir", tmp_path / "bf16", "--set", "rollout.dtype=bfloat16")
-    assert not warned("--run-dir", tmp_path / "tis", "--set", "rollout.dtype=bfloat16", "--set", "algo.tis_cap=2")
+    assert warned("--run-dir", tmp_path / "off", *bf16, "--set", "algo.tis_cap=null")
+    assert not warned("--run-dir", tmp_path / "tis", *bf16, "--set", "algo.tis_cap=2")
+    assert not warned("--run-dir", tmp_path / "auto", *bf16)
+    assert "tis_cap: 2.0" in (tmp_path / "auto" / "config.yaml").read_text()
+    weights = [row["tis_weight_mean"] for row in MetricsLog.read(tmp_path / "auto" / "metrics.jsonl")]
+    assert weights and 0.5 < weights[0] < 1.5 and weights[0] != 1.0
+    assert "tis_weight_mean" not in MetricsLog.read(tmp_path / "same" / "metrics.jsonl")[0]

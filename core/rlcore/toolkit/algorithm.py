@@ -22,6 +22,7 @@ from rlcore.toolkit.advantages import broadcast, grpo_advantages
 from rlcore.toolkit.kl import KLController, kl_estimate
 from rlcore.toolkit.losses import ClippedSurrogateLoss
 from rlcore.toolkit.shaping import keep_varied_groups, overlong_penalty
+from rlcore.toolkit.tis import settle_tis_cap
 
 
 @attrs.frozen
@@ -51,9 +52,12 @@ class Algorithm:
 
     @hookimpl
     def setup(self, ctx: Any) -> None:
-        """Take the response budget for overlong shaping from the run's sampling options if not set."""
+        """Take the response budget for overlong shaping from the run's sampling options if not set, and settle
+        `tis_cap: auto` where the run was not started by `rlcore run` (which settles it in config.yaml)."""
         if not self.response_budget:
             self.response_budget = int((ctx.config.get("sampling") or {}).get("max_new_tokens") or 0)
+        if getattr(self.options, "tis_cap", None) == "auto":
+            self.options = attrs.evolve(self.options, tis_cap=settle_tis_cap(ctx.config))
 
     @hookimpl
     def keep_groups(self, batch: RolloutBatch) -> Tensor | None:
@@ -82,10 +86,11 @@ class Algorithm:
 
     def loss_terms(self) -> dict[str, Any]:
         """The KL, entropy and TIS arguments of the `PolicyGradientLoss` (the KL controller is shared, so
-        a loss made once at setup sees the coefficient adapt and be restored from a checkpoint)."""
+        a loss made once at setup sees the coefficient adapt and be restored from a checkpoint). A `tis_cap`
+        still `auto` (an algorithm never set up in a run) is off, as for a run whose precisions are unknown."""
         o = self.options
         return {"kl": self.kl, "kl_estimator": o.kl_estimator, "kl_in_reward": o.kl_mode == "reward",
-                "entropy_coef": o.entropy_coef, "tis_cap": o.tis_cap}
+                "entropy_coef": o.entropy_coef, "tis_cap": None if o.tis_cap == "auto" else o.tis_cap}
 
     def clipped_surrogate(self) -> ClippedSurrogateLoss:
         """PPO's clipped surrogate configured by `ClipOptions`, with this algorithm's KL, entropy and TIS terms."""

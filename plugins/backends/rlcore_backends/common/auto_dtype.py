@@ -77,7 +77,8 @@ def choose(config: dict[str, Any], section: str, shapes: Callable[[], Shapes | N
                                      f"{kind} is {plugins.get(kind)!r}")
     theirs = (config.get(other) or {}).get("dtype", "float32")
     if theirs != "auto":
-        return Choice(theirs, f"the same as {other}.dtype, so both sides compute the same logprobs")
+        agree = ", so both sides compute the same logprobs" if theirs in ("float32", "bfloat16_matched") else ""
+        return Choice(theirs, f"the same as {other}.dtype{agree}")
     counts = shapes()
     if not counts:
         return Choice("float32", "the model's layer shapes could not be read to measure bfloat16_matched")

@@ -1,0 +1,60 @@
+"""`algo.tis_cap: auto`: truncated importance sampling on wherever the rollout and the trainer compute logprobs
+in precisions that do not agree by design.
+
+Only two precisions make the two sides agree by design: float32 on both (~3e-6 nats per token) and
+`bfloat16_matched` on both (the same bits; README: "Precision"). Any other pair, plain bfloat16 on both sides
+included (a cached decode and a full forward round differently: ~0.04 nats on SmolLM2), samples from another
+policy than the trainer scores, so `auto` weights the tokens by min(pi_trainer / pi_rollout, `AUTO_CAP`).
+A side's precision is its section's `dtype` option, and for a backend with FSDP's mixed precision its
+`param_dtype` where that is not float32 (the dtype its layers compute in). A side whose precision is not known
+from the config (its plugin names no `dtype`, or an `auto` that its plugin left unsettled) leaves it off; the
+run's measured-mismatch warning still watches such a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+
+log = logging.getLogger("rlcore")
+
+AUTO_CAP = 2.0
+"""The cap `auto` turns on: the one the mismatch warning and the README's asynchronous runs recommend."""
+AGREEING = ("float32", "bfloat16_matched")
+"""The precisions in which the rollout's logprobs equal the trainer's when both sides use the same one."""
+
+
+@attrs.frozen
+class TisChoice:
+    """The cap `tis_cap: auto` stands for (None: off), and why, in one line."""
+
+    cap: float | None
+    reason: str
+
+
+def choose_tis_cap(config: dict[str, Any]) -> TisChoice:
+    """What `algo.tis_cap: auto` means in this resolved `config` (plain values, as config.yaml holds them,
+    after the plugins settled their own `auto` options)."""
+    sides = {section: (config.get(section) or {}).get("dtype") for section in ("backend", "rollout")}
+    if (config.get("backend") or {}).get("param_dtype", "float32") != "float32":
+        sides["backend"] = config["backend"]["param_dtype"]
+    unknown = [f"{section}.dtype is {value!r}" for section, value in sides.items() if value in (None, "auto")]
+    if unknown:
+        return TisChoice(None, f"{' and '.join(unknown)}, so the two sides' precisions are not known")
+    trainer, rollout = sides["backend"], sides["rollout"]
+    if trainer == rollout and trainer in AGREEING:
+        return TisChoice(None, f"both sides compute in {trainer}, whose logprobs agree by design")
+    if trainer == rollout:
+        return TisChoice(AUTO_CAP, f"{trainer} on both sides still rounds differently in the trainer's forward and "
+                                   f"the rollout's decode, so their logprobs differ")
+    return TisChoice(AUTO_CAP, f"the trainer computes in {trainer} and the rollout in {rollout}, so their "
+                               f"logprobs differ")
+
+
+def settle_tis_cap(config: dict[str, Any]) -> float | None:
+    """`choose_tis_cap`'s cap, said on the console with its reason."""
+    choice = choose_tis_cap(config)
+    log.info("algo.tis_cap=auto is %s: %s", "off" if choice.cap is None else choice.cap, choice.reason)
+    return choice.cap
