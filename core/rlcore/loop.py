@@ -156,7 +156,9 @@ class Trainer:
         return ckpt
 
     def setup(self, resume: bool = False) -> None:
-        """Seed, resolve the model, set every plugin up, and restore the newest complete checkpoint if resuming."""
+        """Settle `auto` options as `rlcore run` does (a no-op for a config it settled), seed, resolve the model, set
+        every plugin up, and restore the newest complete checkpoint if resuming."""
+        self.cfg = preflight.settle(self.cfg, models.read_config(self.cfg.trainer.model))  # as `rlcore run` does
         t = self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._choose_checkpoint() if resume else None

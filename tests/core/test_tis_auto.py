@@ -8,7 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from rlcore.cli import main
+from rlcore.loop import Trainer
 from rlcore.plugins import instantiate, load
+from rlcore.run_config import resolve
 from rlcore.toolkit.tis import AUTO_CAP, choose_tis_cap
 
 
@@ -42,6 +44,10 @@ def test_fsdp_mixed_precision_is_the_trainers_precision():
     config = sides("float32", "float32")
     config["backend"]["param_dtype"] = "bfloat16"
     assert choose_tis_cap(config).cap == AUTO_CAP
+    config["backend"]["base"] = "torch"  # LoRA over the torch base ignores param_dtype
+    assert choose_tis_cap(config).cap is None
+    config["backend"].update(base="fsdp")
+    assert choose_tis_cap(config).cap == AUTO_CAP
     config["backend"]["param_dtype"] = "float32"
     assert choose_tis_cap(config).cap is None
 
@@ -67,6 +73,19 @@ def test_rlcore_run_settles_auto_after_the_plugins_settled_their_precisions(capl
         assert "tis_cap: 2.0" in dry_run("--algo", algo, "--set", "rollout.dtype=bfloat16")
 
 
+def test_a_script_trainer_settles_as_rlcore_run_does(tmp_path):
+    """`Trainer.setup` settles the config first, so the backend's `dtype: auto` has followed the rollout's bfloat16
+    when tis_cap is decided (the algorithm alone would see `auto` and call the precisions unknown)."""
+    trainer = Trainer(resolve({"trainer": {"steps": 1, "prompts_per_step": 1}, "rollout": {"dtype": "bfloat16"}}),
+                      tmp_path / "run", progress=False)
+    try:
+        trainer.setup()
+        assert trainer.cfg.to_dict()["backend"]["dtype"] == "bfloat16"
+        assert trainer.cfg.to_dict()["algo"]["tis_cap"] == AUTO_CAP and trainer.loss.tis_cap == AUTO_CAP
+    finally:
+        trainer.close()
+
+
 def test_an_algorithm_set_up_outside_rlcore_run_settles_auto_from_the_run_config():
     algo = instantiate(load("algo", "grpo"), {}, "algo")
     assert algo.options.tis_cap == "auto"
@@ -76,6 +95,9 @@ def test_an_algorithm_set_up_outside_rlcore_run_settles_auto_from_the_run_config
     same = instantiate(load("algo", "dapo"), {}, "algo")
     same.setup(ctx=types.SimpleNamespace(config=sides("float32", "float32")))
     assert same.policy_loss().tis_cap is None
+    settled = instantiate(load("algo", "grpo"), {}, "algo")  # the config already settled it: taken as it is
+    settled.setup(ctx=types.SimpleNamespace(config={**sides("float32", "float32"), "algo": {"tis_cap": 3.0}}))
+    assert settled.policy_loss().tis_cap == 3.0
     explicit = instantiate(load("algo", "grpo"), {"tis_cap": 1.5}, "algo")
     explicit.setup(ctx=types.SimpleNamespace(config=sides("float32", "float32")))
     assert explicit.policy_loss().tis_cap == 1.5

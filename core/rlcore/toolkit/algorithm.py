@@ -53,11 +53,14 @@ class Algorithm:
     @hookimpl
     def setup(self, ctx: Any) -> None:
         """Take the response budget for overlong shaping from the run's sampling options if not set, and settle
-        `tis_cap: auto` where the run was not started by `rlcore run` (which settles it in config.yaml)."""
+        `tis_cap: auto` as the run's config settled it (`rlcore run` and `Trainer.setup` settle it), or from the
+        config's precisions where it was not settled."""
         if not self.response_budget:
             self.response_budget = int((ctx.config.get("sampling") or {}).get("max_new_tokens") or 0)
         if getattr(self.options, "tis_cap", None) == "auto":
-            self.options = attrs.evolve(self.options, tis_cap=settle_tis_cap(ctx.config))
+            settled = (ctx.config.get("algo") or {}).get("tis_cap", "auto")
+            self.options = attrs.evolve(self.options,
+                                        tis_cap=settle_tis_cap(ctx.config) if settled == "auto" else settled)
 
     @hookimpl
     def keep_groups(self, batch: RolloutBatch) -> Tensor | None:

@@ -1,12 +1,14 @@
 """`algo.tis_cap: auto`: truncated importance sampling on wherever the rollout and the trainer compute logprobs
 in precisions that do not agree by design.
 
-Only two precisions make the two sides agree by design: float32 on both (~3e-6 nats per token) and
-`bfloat16_matched` on both (the same bits; README: "Precision"). Any other pair, plain bfloat16 on both sides
+Only two precisions make the two sides agree: float32 on both (they differ by float32's rounding only: ~3e-6
+nats per token between the hf rollout and the torch backend) and `bfloat16_matched` on both (the same bits by
+design; README: "Precision"). Any other pair, plain bfloat16 on both sides
 included (a cached decode and a full forward round differently: ~0.04 nats on SmolLM2), samples from another
 policy than the trainer scores, so `auto` weights the tokens by min(pi_trainer / pi_rollout, `AUTO_CAP`).
 A side's precision is its section's `dtype` option, and for a backend with FSDP's mixed precision its
-`param_dtype` where that is not float32 (the dtype its layers compute in). A side whose precision is not known
+`param_dtype` where that is not float32 (the dtype its layers compute in; LoRA over the torch base, `base:
+torch`, ignores `param_dtype`). A side whose precision is not known
 from the config (its plugin names no `dtype`, or an `auto` that its plugin left unsettled) leaves it off; the
 run's measured-mismatch warning still watches such a run.
 """
@@ -38,14 +40,16 @@ def choose_tis_cap(config: dict[str, Any]) -> TisChoice:
     """What `algo.tis_cap: auto` means in this resolved `config` (plain values, as config.yaml holds them,
     after the plugins settled their own `auto` options)."""
     sides = {section: (config.get(section) or {}).get("dtype") for section in ("backend", "rollout")}
-    if (config.get("backend") or {}).get("param_dtype", "float32") != "float32":
-        sides["backend"] = config["backend"]["param_dtype"]
+    backend = config.get("backend") or {}
+    if backend.get("param_dtype", "float32") != "float32" and backend.get("base") != "torch":
+        sides["backend"] = backend["param_dtype"]
     unknown = [f"{section}.dtype is {value!r}" for section, value in sides.items() if value in (None, "auto")]
     if unknown:
         return TisChoice(None, f"{' and '.join(unknown)}, so the two sides' precisions are not known")
     trainer, rollout = sides["backend"], sides["rollout"]
     if trainer == rollout and trainer in AGREEING:
-        return TisChoice(None, f"both sides compute in {trainer}, whose logprobs agree by design")
+        agree = "by design" if trainer == "bfloat16_matched" else "to float32's rounding"
+        return TisChoice(None, f"both sides compute in {trainer}, whose logprobs agree {agree}")
     if trainer == rollout:
         return TisChoice(AUTO_CAP, f"{trainer} on both sides still rounds differently in the trainer's forward and "
                                    f"the rollout's decode, so their logprobs differ")
