@@ -52,13 +52,14 @@ def settle(cfg: ResolvedConfig, model_config: Any) -> ResolvedConfig:
     """`cfg` with the values the selected plugins' `settle_options` put in place of their `auto` options, then
     `algo.tis_cap: auto` decided by the two sides' settled precisions (validated again), or `cfg` itself when
     nothing was `auto`."""
-    answers = local_registry(cfg).hook.settle_options(config=cfg.to_dict(), model_config=model_config)
+    config = cfg.to_dict()
+    answers = local_registry(cfg).hook.settle_options(config=config, model_config=model_config)
     changes: dict[str, Any] = {}
     for answer in answers:
         changes = merge(changes, answer or {})
-    if (cfg.to_dict().get("algo") or {}).get("tis_cap") == "auto":  # decided by the sides' settled precisions
-        changes = merge(changes, {"algo": {"tis_cap": settle_tis_cap(merge(cfg.to_dict(), changes))}})
-    return resolve(merge(cfg.to_dict(), changes)) if changes else cfg
+    if (config.get("algo") or {}).get("tis_cap") == "auto":  # decided by the sides' settled precisions
+        changes = merge(changes, {"algo": {"tis_cap": settle_tis_cap(merge(config, changes))}})
+    return resolve(merge(config, changes)) if changes else cfg
 
 
 def check_run(cfg: ResolvedConfig, model_config: Any) -> None:

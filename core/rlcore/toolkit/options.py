@@ -30,8 +30,8 @@ class CommonOptions:
     """Entropy bonus coefficient (0: the backend computes no entropy)."""
     tis_cap: float | Literal["auto"] | None = attrs.field(default="auto", validator=check_range(1.0, auto=True))
     """Truncated importance sampling: weight tokens by min(pi_trainer / pi_rollout, tis_cap); None: off; auto: 2
-    where the rollout's and the trainer's precisions do not agree by design (anything but float32 or
-    bfloat16_matched on both sides), else off (`rlcore.toolkit.tis`)."""
+    where the rollout's and the trainer's precisions do not agree (anything but float32 or bfloat16_matched on
+    both sides), else off (`rlcore.toolkit.tis`)."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal; the core samples more prompts to refill the batch."""
     overlong_buffer: int | None = attrs.field(default=0, validator=check_range(0))

@@ -1,16 +1,16 @@
-"""`algo.tis_cap: auto`: truncated importance sampling on wherever the rollout and the trainer compute logprobs
-in precisions that do not agree by design.
+"""`algo.tis_cap: auto`: truncated importance sampling on wherever the rollout's and the trainer's logprobs come
+from precisions that do not agree.
 
-Only two precisions make the two sides agree: float32 on both (they differ by float32's rounding only: ~3e-6
-nats per token between the hf rollout and the torch backend) and `bfloat16_matched` on both (the same bits by
-design; README: "Precision"). Any other pair, plain bfloat16 on both sides
-included (a cached decode and a full forward round differently: ~0.04 nats on SmolLM2), samples from another
-policy than the trainer scores, so `auto` weights the tokens by min(pi_trainer / pi_rollout, `AUTO_CAP`).
-A side's precision is its section's `dtype` option, and for a backend with FSDP's mixed precision its
+Two precisions make the two sides agree: float32 on both (they differ by float32's rounding only: ~3e-6 nats per
+token between the hf rollout and the torch backend) and `bfloat16_matched` on both (the same bits by design;
+README: "Precision"). Under any other pair, plain bfloat16 on both sides included (a cached decode and a full
+forward round differently: ~0.04 nats on SmolLM2), the rollout samples from another policy than the trainer
+scores, so `auto` weights the tokens by min(pi_trainer / pi_rollout, `AUTO_CAP`).
+
+A side's precision is its section's `dtype` option; for a backend with FSDP's mixed precision, its
 `param_dtype` where that is not float32 (the dtype its layers compute in; LoRA over the torch base, `base:
-torch`, ignores `param_dtype`). A side whose precision is not known
-from the config (its plugin names no `dtype`, or an `auto` that its plugin left unsettled) leaves it off; the
-run's measured-mismatch warning still watches such a run.
+torch`, ignores `param_dtype`). A side whose precision the config does not tell (its plugin names no `dtype`,
+or an `auto` its plugin left unsettled) leaves it off; the run's measured-mismatch warning still watches it.
 """
 
 from __future__ import annotations
