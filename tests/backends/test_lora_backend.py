@@ -152,3 +152,9 @@ def test_options() -> None:
     assert opts.base == "fsdp" and opts.world_size == 4 and LoRABackend.Options().base == "torch"
     with pytest.raises(ConfigError, match="backend.base: expected one of 'torch', 'fsdp'"):
         build_options(LoRABackend.Options, {"base": "megatron"}, "backend")
+    # FSDP's mixed precision is refused where it would not run, rather than ignored
+    with pytest.raises(ConfigError, match="backend: param_dtype=bfloat16 is FSDP's mixed precision, which "
+                                          "base='torch' does not run"):
+        build_options(LoRABackend.Options, {"param_dtype": "bfloat16"}, "backend")
+    assert build_options(LoRABackend.Options, {"base": "fsdp", "param_dtype": "bfloat16",
+                                               "reduce_dtype": "bfloat16"}, "backend").param_dtype == "bfloat16"

@@ -44,10 +44,6 @@ def test_fsdp_mixed_precision_is_the_trainers_precision():
     config = sides("float32", "float32")
     config["backend"]["param_dtype"] = "bfloat16"
     assert choose_tis_cap(config).cap == AUTO_CAP
-    config["backend"]["base"] = "torch"  # LoRA over the torch base ignores param_dtype
-    assert choose_tis_cap(config).cap is None
-    config["backend"].update(base="fsdp")
-    assert choose_tis_cap(config).cap == AUTO_CAP
     config["backend"]["param_dtype"] = "float32"
     assert choose_tis_cap(config).cap is None
 

@@ -8,8 +8,8 @@ forward round differently: ~0.04 nats on SmolLM2), the rollout samples from anot
 scores, so `auto` weights the tokens by min(pi_trainer / pi_rollout, `AUTO_CAP`).
 
 A side's precision is its section's `dtype` option; for a backend with FSDP's mixed precision, its
-`param_dtype` where that is not float32 (the dtype its layers compute in; LoRA over the torch base, `base:
-torch`, ignores `param_dtype`). A side whose precision the config does not tell (its plugin names no `dtype`,
+`param_dtype` where that is not float32 (the dtype its layers compute in; the lora backend refuses it over
+its torch base). A side whose precision the config does not tell (its plugin names no `dtype`,
 or an `auto` its plugin left unsettled) leaves it off; the run's measured-mismatch warning still watches it.
 """
 
@@ -41,7 +41,7 @@ def choose_tis_cap(config: dict[str, Any]) -> TisChoice:
     after the plugins settled their own `auto` options)."""
     sides = {section: (config.get(section) or {}).get("dtype") for section in ("backend", "rollout")}
     backend = config.get("backend") or {}
-    if backend.get("param_dtype", "float32") != "float32" and backend.get("base") != "torch":
+    if backend.get("param_dtype", "float32") != "float32":
         sides["backend"] = backend["param_dtype"]
     unknown = [f"{section}.dtype is {value!r}" for section, value in sides.items() if value in (None, "auto")]
     if unknown:

@@ -56,6 +56,13 @@ class LoRABackend(TorchBackend):
         """What `sync_weights` gets: full weights with the adapters merged (every rollout, hf included), or
         the adapters alone with their peft config (a rollout that serves LoRA adapters, e.g. vLLM)."""
 
+        def __attrs_post_init__(self) -> None:
+            mixed = [f"{name}={getattr(self, name)}" for name in ("param_dtype", "reduce_dtype")
+                     if getattr(self, name) != "float32"]
+            if self.base == "torch" and mixed:
+                raise ValueError(f"{', '.join(mixed)} is FSDP's mixed precision, which base='torch' does not run: "
+                                 f"set base='fsdp', or dtype='bfloat16' for autocast in one process")
+
     def __init__(self, options: Options) -> None:
         super().__init__(options)
         self.fsdp: FSDPBackend | None = None
