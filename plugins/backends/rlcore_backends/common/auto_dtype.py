@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 import torch
 
+from rlcore.toolkit.tis import AGREEING
 from rlcore_backends.common.matched import MatchedLinear, invariant_chunk, linear_counts
 
 log = logging.getLogger("rlcore")
@@ -77,7 +78,7 @@ def choose(config: dict[str, Any], section: str, shapes: Callable[[], Shapes | N
                                      f"{kind} is {plugins.get(kind)!r}")
     theirs = (config.get(other) or {}).get("dtype", "float32")
     if theirs != "auto":
-        agree = ", so both sides compute the same logprobs" if theirs in ("float32", "bfloat16_matched") else ""
+        agree = ", so both sides compute the same logprobs" if theirs in AGREEING else ""
         return Choice(theirs, f"the same as {other}.dtype{agree}")
     counts = shapes()
     if not counts:
