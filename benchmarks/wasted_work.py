@@ -8,13 +8,15 @@ alternating for `--rounds` rounds (the update on fresh copies of the same starti
 
 - how an on-policy step gets its `mismatch/*` metric: `extra pass` (a no-grad `logprobs` pass before the
   update, what the loop did until the update measured it) against `in update` (the update alone);
-- how the hf rollout's decode loop keeps its KV cache: `concatenating` (transformers' `DynamicLayer`, a copy
-  of the whole cache every step, what it did before) against `reserved` (written in place, `ReservedLayer`);
+- how the hf rollout's decode loop keeps its KV cache, both through transformers' forward: `concatenating`
+  (transformers' `DynamicLayer`, a copy of the whole cache every step, what it did first) against
+  `transformers step` (written in place, `ReservedLayer`);
 - how a decode step runs the decoder's `Linear` layers: `x @ W.T` (`Linear`'s own GEMM, what it did first),
   `W @ x.T` (what it did next) and `packed` (oneDNN over weights reordered per decode, the LM head too)
   against the way `linears.decode_linears` measures fastest on this machine (what it does now);
 - how a decode step runs a Llama-family decoder: `transformers step` (its forward, what it did before)
-  against `reserved` (written out, `step.DecodeStep`, q/k/v and gate/up one GEMM each where packed);
+  against `written out` (`step.DecodeStep`, q/k/v and gate/up one GEMM each where packed, over a cache that
+  holds each distinct prompt once, `shared_cache.SharedPromptCache`);
 - how the update cuts the batch into micro-batches: `consecutive` rows as sampled (one padded block at the
   default budget, what the backends did before) against `by length` (rows sorted by length and cut where
   padding costs more than a pass, `micro_batches.by_length`, what they do now);
@@ -65,7 +67,7 @@ def main() -> None:
         params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
         reserve, choose, supported = decode.reserve, linears.choose, decode_step.supported
         forced = {"x @ W.T": ("linear", "skinny"), "W @ x.T": ("skinny", "skinny"), "packed": ("packed", "packed")}
-        generation_ways = ["concatenating", *forced, "transformers step", "reserved"]
+        generation_ways = ["concatenating", *forced, "transformers step", "written out"]
         decoded: dict[str, list[float]] = {way: [] for way in generation_ways}
         # the GEMM ways are probed once per process: here, so that no timed way pays for it
         chosen = linears.ways(rollout.model, rollout.model.get_output_embeddings(), args.max_new_tokens)[1:]
@@ -73,7 +75,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for way in generation_ways:
                 decode.reserve = (lambda cache, room: None) if way == "concatenating" else reserve
-                decode_step.supported = (lambda decoder: False) if way == "transformers step" else supported
+                decode_step.supported = ((lambda decoder: False) if way in ("concatenating", "transformers step")
+                                         else supported)
                 body, lm_head = forced.get(way, (None, None))
                 linears.choose = choose if body is None else (
                     lambda layers, steps, head=False, packable=True, body=body, lm_head=lm_head:
@@ -82,10 +85,11 @@ def main() -> None:
                 samples[way] = rollout.sample(prompts=prompts, params=params, tools=[], interaction=None)
                 decoded[way].append(time.perf_counter() - t0)
         decode.reserve, linears.choose, decode_step.supported = reserve, choose, supported
-        batch = samples["reserved"]
+        batch = samples["written out"]
         same_tokens = {way: torch.equal(batch.response_ids, samples[way].response_ids) for way in generation_ways}
         old_generation = statistics.median(decoded["concatenating"])
-        generation = statistics.median(decoded["reserved"])
+        transformers_generation = statistics.median(decoded["transformers step"])
+        generation = statistics.median(decoded["written out"])
         gemm_generation = {way: statistics.median(decoded[way]) for way in forced}
         batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
         algo = instantiate(load("algo", "grpo"), {}, "algo")
@@ -125,17 +129,17 @@ def main() -> None:
               "by length": sum(mb.padded_tokens for mb in by_length(batch, budget, 128)[1])}
     print(f"batch: {len(batch)} rows, {int(batch.response_mask.sum())} response tokens, {real} real tokens; "
           f"{args.rounds} alternating rounds, medians")
-    print(f"generation: KV cache concatenated every step {old_generation:.2f} s, written in place {generation:.2f} s "
-          f"({old_generation / generation:.2f}x; the same tokens: {same_tokens['concatenating']}); the step below "
-          f"{(old_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
+    print(f"generation through transformers' forward: KV cache concatenated every step {old_generation:.2f} s, "
+          f"written in place {transformers_generation:.2f} s ({old_generation / transformers_generation:.2f}x; the "
+          f"same tokens: {same_tokens['concatenating']})")
     print(f"generation: decode steps' Linear layers and LM head in the way measured fastest here (layers "
           f"{chosen[0]}, head {chosen[1]}) {generation:.2f} s; forced, against it: " + ", ".join(
               f"{way} {seconds:.2f} s ({seconds / generation:.2f}x; the same tokens: {same_tokens[way]})"
               for way, seconds in gemm_generation.items()))
-    old_step = statistics.median(decoded["transformers step"])
-    print(f"generation: decode steps through transformers' forward {old_step:.2f} s, written out {generation:.2f} s "
-          f"({old_step / generation:.2f}x; the same tokens: {same_tokens['transformers step']}); the step below "
-          f"{(old_step + med['in update']) / (generation + med['in update']):.2f}x faster for it")
+    print(f"generation: decode steps through transformers' forward {transformers_generation:.2f} s, written out "
+          f"{generation:.2f} s ({transformers_generation / generation:.2f}x; the same tokens: "
+          f"{same_tokens['transformers step']}); the step below "
+          f"{(transformers_generation + med['in update']) / (generation + med['in update']):.2f}x faster for it")
     print(f"the step below is {(gemm_generation['x @ W.T'] + med['in update']) / (generation + med['in update']):.2f}x "
           "faster than with x @ W.T")
     print("| way | logprobs + update (s) | step incl. generation (s) |\n|---|---|---|")

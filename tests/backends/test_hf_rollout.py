@@ -288,6 +288,62 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         reserved.update(k, v)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_shared_prompt_cache_attends_as_sdpa_over_each_rows_whole_cache(dtype: torch.dtype | None) -> None:
+    """Attention over each distinct prompt's keys once plus the row's own generated keys equals SDPA over the
+    row's prompt and generated keys concatenated (left padding masked), in float32 or computed in float64 and
+    returned in float32, before and after rows leave (a prompt with none left is dropped); the cache refuses
+    to outgrow its room."""
+    from rlcore_backends.rollout.hf.shared_cache import SharedPromptCache
+
+    gen = torch.Generator().manual_seed(0)
+    prompts, kv, g, d, width = 3, 2, 3, 8, 6
+    layers = [(torch.randn(prompts, kv, width, d, generator=gen), torch.randn(prompts, kv, width, d, generator=gen))]
+    prompt_mask = torch.ones(prompts, width, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    prompt_mask[2, :5] = 0
+    prompt_of = torch.tensor([2, 2, 0, 1, 0])
+    cache = SharedPromptCache(layers, prompt_mask, prompt_of, room=3, dtype=dtype)
+    keys, values = layers[0][0][prompt_of], layers[0][1][prompt_of]
+    mask = prompt_mask[prompt_of].bool()
+    for step in range(3):
+        if step == 2:
+            keep = torch.tensor([0, 2, 4])  # prompt 1's only row leaves
+            keys, values, mask, prompt_of = keys[keep], values[keep], mask[keep], prompt_of[keep]
+            cache.select(keep)
+            assert len(cache.prompts[0][0]) == 2
+        rows = len(prompt_of)
+        query = torch.randn(rows, kv, g, d, generator=gen)
+        key, value = torch.randn(rows, kv, d, generator=gen), torch.randn(rows, kv, d, generator=gen)
+        keys, values = torch.cat([keys, key[:, :, None]], 2), torch.cat([values, value[:, :, None]], 2)
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool)], 1)
+        got = cache.attend(0, query, key, value, scale=0.3)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query.to(dtype or torch.float32), keys.to(dtype or torch.float32), values.to(dtype or torch.float32),
+            attn_mask=mask[:, None, None, :], scale=0.3)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), atol=1e-6 if dtype is None else 1e-7, rtol=0)
+    with pytest.raises(RuntimeError, match="more positions than reserved"):
+        cache.attend(0, query, key, value, scale=0.3)
+
+
+def test_shared_prompt_cache_math_attention_returns_what_the_cpu_kernel_returns() -> None:
+    """The written-out attention other devices take gives the CPU flash kernel's output and log-sum-exp
+    under a padding bias (checked here on the CPU)."""
+    from rlcore_backends.rollout.hf.shared_cache import FLASH, math_attention
+
+    gen = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(2, 3, 4, 8, generator=gen), torch.randn(2, 3, 7, 8, generator=gen),
+                           torch.randn(2, 3, 7, 8, generator=gen))
+    bias = torch.zeros(2, 1, 1, 7)
+    bias[0, ..., :3] = float("-inf")
+    for mask in (bias, None):
+        want = FLASH(query, keys, values, 0.0, False, attn_mask=mask, scale=0.4)
+        got = math_attention(query, keys, values, mask, 0.4)
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
+
+
 FAMILIES = {"Llama": {}, "Qwen2": {}, "Qwen3": {},
             "Llama, biased, llama3 rope": {"attention_bias": True, "mlp_bias": True, "rope_parameters": {
                 "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -307,55 +363,76 @@ def _family_model(family: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("padded", [True, False])
-@pytest.mark.parametrize("way", ["linear", "packed"])
+@pytest.mark.parametrize("way", ["linear", "packed", "bfloat16_matched"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decode_step_computes_what_the_transformers_decoder_does(monkeypatch, family: str, way: str,
                                                                 padded: bool) -> None:
-    """`DecodeStep`'s hidden state equals transformers' decoder forward for the same token, position, mask
-    and cache, step after step, over left-padded rows or none (transformers then passes no mask), one row
-    dropped midway, with the q/k/v and gate/up groups packed together or computed one by one, and both
-    caches hold the same keys."""
+    """`DecodeStep` over a cache holding each distinct prompt once computes transformers' decoder forward over
+    the prompt's cache copied to every row, for the same token, position and mask, step after step: rows
+    sharing a prompt (not side by side), left-padded rows or none (transformers then passes no mask), a row
+    dropped midway (its prompt's only one, so the prompt leaves the cache), with the q/k/v and gate/up groups
+    packed together or computed one by one, and in `bfloat16_matched` (float64 attention), where the hidden
+    states are the same bits."""
+    from rlcore_backends.common.logprobs import distinct_rows
+    from rlcore_backends.common.matched import match
     from rlcore_backends.rollout.hf import decode, linears, step
+    from rlcore_backends.rollout.hf.shared_cache import SharedPromptCache
 
-    _force_way(monkeypatch, way)
     model = _family_model(family)
+    if way == "bfloat16_matched":
+        try:
+            match(model)
+        except ValueError:
+            pytest.skip("no row-invariant bf16 chunk on this machine (test_matched tests that path)")
+    else:
+        _force_way(monkeypatch, way)
     decoder = model.get_decoder()
     assert step.supported(decoder)
-    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 0, 5, 6, 7], [0, 13, 14, 15, 16]])
     if not padded:
         ids[ids == 0] = 3
     mask = (ids != 0).long()
+    first, prompt_of = distinct_rows(ids, mask)
+    assert len(first) == 3
     position = decode.position_ids(mask)[:, -1]
-    caches = []
     with torch.no_grad():
-        for _ in range(2):
-            caches.append(transformers.DynamicCache(config=model.config))
-            decoder(input_ids=ids, attention_mask=mask, position_ids=decode.position_ids(mask),
-                    past_key_values=caches[-1], use_cache=True)
-            decode.reserve(caches[-1], 4)
+        reference = transformers.DynamicCache(config=model.config)
+        decoder(input_ids=ids, attention_mask=mask, position_ids=decode.position_ids(mask),
+                past_key_values=reference, use_cache=True)
+        transformers_step = decode.TransformersStep(decoder, reference, torch.arange(len(ids)), 4)
+        prefill = transformers.DynamicCache(config=model.config)
+        decoder(input_ids=ids[first], attention_mask=mask[first], position_ids=decode.position_ids(mask)[first],
+                past_key_values=prefill, use_cache=True)
         with linears.decode_linears(model, model.lm_head, 64, step.groups(decoder)) as decode_linears:
             packed_groups = [g.args[1] is not None for g in decode_linears.groups]
-            lean = step.DecodeStep(decoder, decode_linears.groups)
+            shared = SharedPromptCache([(layer.keys, layer.values) for layer in prefill.layers], mask[first],
+                                       prompt_of, 4, step.attention_dtype(decoder))
+            lean = step.DecodeStep(decoder, decode_linears.groups, shared)
             gen = torch.Generator().manual_seed(1)
             for index in range(4):
                 if index == 2:
-                    keep = torch.tensor([0, 2])
-                    for cache in caches:
-                        cache.batch_select_indices(keep)
+                    keep = torch.tensor([0, 2, 3])
+                    transformers_step.select(keep)
+                    lean.select(keep)
                     mask, position = mask[keep], position[keep]
                 token = torch.randint(1, 40, (len(mask),), generator=gen)
                 mask, position = torch.cat([mask, mask.new_ones(len(mask), 1)], 1), position + 1
-                want = decode._transformers_step(decoder, token, position, mask, caches[0])
-                torch.testing.assert_close(lean(token, position, mask, caches[1]), want, atol=1e-5, rtol=1e-5)
+                want, got = transformers_step(token, position, mask), lean(token, position, mask)
+                if way == "bfloat16_matched":
+                    assert torch.equal(got, want)
+                else:
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(packed_groups) == (way == "packed") and any(packed_groups) == (way == "packed")
-    for mine, theirs in zip(caches[1].layers, caches[0].layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+    assert len(shared.prompts[0][0]) == 2 and not shared.dense and shared.width == 2, "prompts of 2 rows and 1"
+    for layer, theirs in enumerate(reference.layers):
+        rows = shared.prompts[layer][0][shared.prompt_of]
+        mine = torch.cat([rows, shared.keys[layer][:, :, :shared.lengths[layer]]], dim=2)
+        torch.testing.assert_close(mine.to(theirs.keys.dtype), theirs.keys, atol=1e-5, rtol=1e-5)
 
 
 def test_decoders_decode_step_does_not_know_take_transformers_forward(monkeypatch) -> None:
-    """Sliding-window layers, another family, eager or matched attention and hooks are left to transformers'
-    forward, and `decode` samples the same greedy tokens through either step."""
-    from rlcore_backends.common.matched import match
+    """Sliding-window layers, another family, eager attention and hooks are left to transformers' forward,
+    and `decode` samples the same greedy tokens through either step."""
     from rlcore_backends.rollout.hf import decode, step
 
     config = transformers.Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -365,9 +442,6 @@ def test_decoders_decode_step_does_not_know_take_transformers_forward(monkeypatc
     mistral = transformers.MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
     assert not step.supported(transformers.MistralForCausalLM(mistral).get_decoder())
-    matched = _family_model("Qwen2")
-    match(matched)  # bfloat16_matched: its own attention
-    assert not step.supported(matched.get_decoder())
     eager = _family_model("Llama")
     eager.set_attn_implementation("eager")
     assert not step.supported(eager.get_decoder()), "eager rounds differently in bfloat16"

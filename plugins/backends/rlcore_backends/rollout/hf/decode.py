@@ -1,18 +1,18 @@
 """Token sampling for the hf rollout: the `Sampler`, stop strings, and a lean KV-cache decode loop.
 
-`decode` is the hf rollout's path for plain text models (`logprobs.plain_head`): it runs the decoder with a
-`DynamicCache` whose layers write each step in place (`ReservedLayer`) and applies the LM head itself, so it
-skips what transformers' `generate` does per step for features rlcore does not use. It prefills each distinct
-prompt once (a group's n samples share one prompt), computes the LM head only at the last position, drops
-finished rows from the batch and the cache, runs the decode steps' GEMMs in the way `linears` measured
-fastest on this machine, and runs a Llama-family decoder's decode steps written out (`step`). Other models
-(vision-language ones) go through `generate` with the same `Sampler`."""
+`decode` is the hf rollout's path for plain text models (`logprobs.plain_head`): it runs the decoder's steps
+itself and applies the LM head itself, so it skips what transformers' `generate` does per step for features
+rlcore does not use. It prefills each distinct prompt once (a group's n samples share one prompt), computes the
+LM head only at the last position, drops finished rows from the batch and the cache, and runs the decode steps'
+GEMMs in the way `linears` measured fastest on this machine. A Llama-family decoder's decode steps are written
+out (`step`) over a cache that keeps each distinct prompt's keys and values once (`shared_cache`); other
+decoders run transformers' forward over a `DynamicCache` whose layers write each step in place
+(`ReservedLayer`). Other models (vision-language ones) go through `generate` with the same `Sampler`."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from rlcore_backends.rollout.engine import Completion
 from rlcore_backends.common.logprobs import distinct_rows, position_ids
 from rlcore_backends.rollout.hf import step
 from rlcore_backends.rollout.hf.linears import decode_linears
+from rlcore_backends.rollout.hf.shared_cache import SharedPromptCache
 
 
 class Sampler(LogitsProcessor):
@@ -207,24 +208,53 @@ def reserve(cache: DynamicCache, room: int) -> None:
 def decode(model: Any, head: torch.nn.Linear, input_ids: Tensor, mask: Tensor, sampler: Sampler,
            max_new_tokens: int, eos_ids: Sequence[int], stops: StopStrings | None) -> list[Completion]:
     """One completion of up to `max_new_tokens` tokens per left-padded row of `input_ids` (`mask` marks
-    the real tokens), ending at its first EOS (kept) or stop string. Identical prompt rows are prefilled once
-    and their cache copied; a finished row leaves the batch and the cache; decode steps run their `Linear`
-    layers and LM head in the way `linears.decode_linears` measured fastest here, and for a Llama-family decoder
-    through `step.DecodeStep` (transformers' forward for others)."""
+    the real tokens), ending at its first EOS (kept) or stop string. Identical prompt rows are prefilled once;
+    a finished row leaves the batch and the cache; decode steps run their `Linear` layers and LM head in the
+    way `linears.decode_linears` measured fastest here, and for a Llama-family decoder through
+    `step.DecodeStep` over a cache that holds each distinct prompt once (transformers' forward over the
+    prompt's cache copied to each row for others)."""
     decoder = model.get_decoder()
     lean = step.supported(decoder)
     with decode_linears(model, head, max_new_tokens, step.groups(decoder) if lean else ()) as linears:
-        forward = step.DecodeStep(decoder, linears.groups) if lean else functools.partial(_transformers_step, decoder)
-        return _decode(decoder, forward, head.weight.shape[0], linears.head_logits, input_ids, mask, sampler,
+        def start(cache: DynamicCache, prompt_mask: Tensor, prompt_of: Tensor) -> Stepper:
+            if lean:
+                shared = SharedPromptCache([(layer.keys, layer.values) for layer in cache.layers], prompt_mask,
+                                           prompt_of, max_new_tokens, step.attention_dtype(decoder))
+                return step.DecodeStep(decoder, linears.groups, shared)
+            return TransformersStep(decoder, cache, prompt_of, max_new_tokens)
+
+        return _decode(decoder, start, head.weight.shape[0], linears.head_logits, input_ids, mask, sampler,
                        max_new_tokens, eos_ids, stops)
 
 
-def _transformers_step(decoder: Any, token: Tensor, position: Tensor, mask: Tensor, cache: DynamicCache) -> Tensor:
-    return decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], past_key_values=cache,
-                   use_cache=True).last_hidden_state[:, -1]
+class Stepper(Protocol):
+    """A decode step over the cache it holds: hidden [rows, H] for one new token per row at `position`
+    (`mask` [rows, L]: the positions each row attends to, this token's included); `select` drops rows."""
+
+    def __call__(self, token: Tensor, position: Tensor, mask: Tensor) -> Tensor: ...
+
+    def select(self, keep: Tensor) -> None: ...
 
 
-def _decode(decoder: Any, forward: Callable[[Tensor, Tensor, Tensor, DynamicCache], Tensor], vocab: int,
+class TransformersStep:
+    """transformers' decoder forward over the prefill `cache` copied to each row (`prompt_of`: the row's
+    prefilled prompt), its layers given room for `room` more positions (`ReservedLayer`)."""
+
+    def __init__(self, decoder: Any, cache: DynamicCache, prompt_of: Tensor, room: int) -> None:
+        if not torch.equal(prompt_of, torch.arange(len(prompt_of), device=prompt_of.device)):
+            cache.batch_select_indices(prompt_of)
+        reserve(cache, room)
+        self.decoder, self.cache = decoder, cache
+
+    def select(self, keep: Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+
+    def __call__(self, token: Tensor, position: Tensor, mask: Tensor) -> Tensor:
+        return self.decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                            past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+
+
+def _decode(decoder: Any, start: Callable[[DynamicCache, Tensor, Tensor], Stepper], vocab: int,
             head_logits: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, mask: Tensor, sampler: Sampler,
             max_new_tokens: int, eos_ids: Sequence[int], stops: StopStrings | None) -> list[Completion]:
     rows = input_ids.shape[0]
@@ -233,10 +263,8 @@ def _decode(decoder: Any, forward: Callable[[Tensor, Tensor, Tensor, DynamicCach
     positions = position_ids(mask)
     hidden = decoder(input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first],
                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-    if not torch.equal(inverse, torch.arange(rows, device=inverse.device)):  # the cache is in `unique`'s order
-        cache.batch_select_indices(inverse)
+    forward = start(cache, mask[first], inverse)  # the cache is in `unique`'s order
     hidden = hidden[inverse]
-    reserve(cache, max_new_tokens)
     tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long)
     logprobs = torch.zeros(rows, max_new_tokens)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long)
@@ -264,10 +292,10 @@ def _decode(decoder: Any, forward: Callable[[Tensor, Tensor, Tensor, DynamicCach
             break
         if bool(done.any()):
             keep = (~done).nonzero().flatten()
-            cache.batch_select_indices(keep.to(mask.device))
+            forward.select(keep.to(mask.device))
             active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         position = position + 1
-        hidden = forward(token.to(mask.device), position, mask, cache)
+        hidden = forward(token.to(mask.device), position, mask)
     return [Completion(tokens[i, :lengths[i]].tolist(), logprobs[i, :lengths[i]].tolist(), reasons[i])
             for i in range(rows)]
