@@ -89,6 +89,7 @@ def main() -> None:
         same_tokens = {way: torch.equal(batch.response_ids, samples[way].response_ids) for way in generation_ways}
         old_generation = statistics.median(decoded["concatenating"])
         transformers_generation = statistics.median(decoded["transformers step"])
+        same_cache_tokens = torch.equal(samples["concatenating"].response_ids, samples["transformers step"].response_ids)
         generation = statistics.median(decoded["written out"])
         gemm_generation = {way: statistics.median(decoded[way]) for way in forced}
         batch.advantages = torch.randn(batch.response_ids.shape) * batch.response_mask
@@ -131,7 +132,7 @@ def main() -> None:
           f"{args.rounds} alternating rounds, medians")
     print(f"generation through transformers' forward: KV cache concatenated every step {old_generation:.2f} s, "
           f"written in place {transformers_generation:.2f} s ({old_generation / transformers_generation:.2f}x; the "
-          f"same tokens: {same_tokens['concatenating']})")
+          f"same tokens: {same_cache_tokens})")
     print(f"generation: decode steps' Linear layers and LM head in the way measured fastest here (layers "
           f"{chosen[0]}, head {chosen[1]}) {generation:.2f} s; forced, against it: " + ", ".join(
               f"{way} {seconds:.2f} s ({seconds / generation:.2f}x; the same tokens: {same_tokens[way]})"

@@ -288,17 +288,20 @@ def test_reserved_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
         reserved.update(k, v)
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64])
-def test_shared_prompt_cache_attends_as_sdpa_over_each_rows_whole_cache(dtype: torch.dtype | None) -> None:
+@pytest.mark.parametrize("model_dtype, dtype", [(torch.float32, None), (torch.float32, torch.float64),
+                                                (torch.bfloat16, None)])
+def test_shared_prompt_cache_attends_as_sdpa_over_each_rows_whole_cache(model_dtype: torch.dtype,
+                                                                        dtype: torch.dtype | None) -> None:
     """Attention over each distinct prompt's keys once plus the row's own generated keys equals SDPA over the
-    row's prompt and generated keys concatenated (left padding masked), in float32 or computed in float64 and
-    returned in float32, before and after rows leave (a prompt with none left is dropped); the cache refuses
-    to outgrow its room."""
+    row's prompt and generated keys concatenated (left padding masked), in float32, computed in float64 and
+    returned in float32, or in bfloat16 (to its rounding), before and after rows leave (a prompt with none left
+    is dropped); the cache refuses to outgrow its room."""
     from rlcore_backends.rollout.hf.shared_cache import SharedPromptCache
 
     gen = torch.Generator().manual_seed(0)
     prompts, kv, g, d, width = 3, 2, 3, 8, 6
-    layers = [(torch.randn(prompts, kv, width, d, generator=gen), torch.randn(prompts, kv, width, d, generator=gen))]
+    layers = [(torch.randn(prompts, kv, width, d, generator=gen).to(model_dtype),
+               torch.randn(prompts, kv, width, d, generator=gen).to(model_dtype))]
     prompt_mask = torch.ones(prompts, width, dtype=torch.long)
     prompt_mask[0, :2] = 0
     prompt_mask[2, :5] = 0
@@ -313,16 +316,18 @@ def test_shared_prompt_cache_attends_as_sdpa_over_each_rows_whole_cache(dtype: t
             cache.select(keep)
             assert len(cache.prompts[0][0]) == 2
         rows = len(prompt_of)
-        query = torch.randn(rows, kv, g, d, generator=gen)
-        key, value = torch.randn(rows, kv, d, generator=gen), torch.randn(rows, kv, d, generator=gen)
+        query = torch.randn(rows, kv, g, d, generator=gen).to(model_dtype)
+        key = torch.randn(rows, kv, d, generator=gen).to(model_dtype)
+        value = torch.randn(rows, kv, d, generator=gen).to(model_dtype)
         keys, values = torch.cat([keys, key[:, :, None]], 2), torch.cat([values, value[:, :, None]], 2)
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool)], 1)
         got = cache.attend(0, query, key, value, scale=0.3)
         want = torch.nn.functional.scaled_dot_product_attention(
             query.to(dtype or torch.float32), keys.to(dtype or torch.float32), values.to(dtype or torch.float32),
             attn_mask=mask[:, None, None, :], scale=0.3)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want.float(), atol=1e-6 if dtype is None else 1e-7, rtol=0)
+        assert got.dtype == model_dtype
+        tolerance = {torch.bfloat16: 1e-2, torch.float64: 1e-7}.get(dtype or model_dtype, 1e-6)
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=0)
     with pytest.raises(RuntimeError, match="more positions than reserved"):
         cache.attend(0, query, key, value, scale=0.3)
 

@@ -264,6 +264,7 @@ def _decode(decoder: Any, start: Callable[[DynamicCache, Tensor, Tensor], Steppe
     hidden = decoder(input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first],
                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     forward = start(cache, mask[first], inverse)  # the cache is in `unique`'s order
+    del cache  # the step holds what it needs of it
     hidden = hidden[inverse]
     tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long)
     logprobs = torch.zeros(rows, max_new_tokens)

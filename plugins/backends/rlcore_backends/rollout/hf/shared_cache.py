@@ -26,13 +26,15 @@ FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 def math_attention(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None, scale: float
                    ) -> tuple[Tensor, Tensor]:
-    """What `FLASH` returns, written out: softmax(query keys^T * scale + bias) values, and the log-sum-exp of
-    the scores [B, H, L]."""
-    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale)
+    """What `FLASH` returns, written out: softmax(query keys^T * scale + bias) values in the query's dtype, and
+    the log-sum-exp of the scores [B, H, L], both with the softmax in float32 at least (as flash kernels
+    accumulate)."""
+    wide = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).to(wide).mul_(scale)
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.to(wide)
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), values), lse
+    return torch.matmul(torch.exp(scores - lse[..., None]).to(values.dtype), values), lse
 
 
 def attention(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None, scale: float
@@ -124,8 +126,10 @@ class SharedPromptCache:
         prompt_out, prompt_lse = attention(self._by_prompt(query), prompt_keys, prompt_values, self.prompt_bias, scale)
         prompt_out, prompt_lse = self._by_row(prompt_out, g), self._by_row(prompt_lse[..., None], g)
         own_out, own_lse = attention(query, keys[:, :, :at + 1], values[:, :, :at + 1], None, scale)
-        own_lse = own_lse[..., None]
+        # the merge in float32 at least, so a bfloat16 model rounds once, as one attention call does
+        wide = torch.promote_types(prompt_out.dtype, torch.float32)
+        prompt_lse, own_lse = prompt_lse.to(wide), own_lse[..., None].to(wide)
         top = torch.maximum(prompt_lse, own_lse)
         prompt_weight, own_weight = (prompt_lse - top).exp_(), (own_lse - top).exp_()
-        out = prompt_out.mul_(prompt_weight).add_(own_out.mul_(own_weight)).div_(prompt_weight.add_(own_weight))
-        return out.to(out_dtype)
+        out = (prompt_out.to(wide) * prompt_weight).add_(own_out.to(wide) * own_weight)
+        return out.div_(prompt_weight.add_(own_weight)).to(out_dtype)
